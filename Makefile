@@ -1,0 +1,39 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint typecheck pytest demo bench clean
+
+venv: $(STAMP)
+
+# torch goes in first: a bare `torch` requirement lets pip resolve a multi-GB CUDA
+# build; on a machine without an NVIDIA GPU we pin the CPU build that lies on disk.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q torch==2.13.0; fi
+	$(BIN)/python -m pip install -q -e '.[train,dev]'
+	touch $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check supervisor trainer_child tests bench
+	$(BIN)/ruff format --check supervisor trainer_child tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/python -m pytest
+
+test: lint typecheck pytest
+
+demo: venv
+	$(BIN)/trainwarden demo
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,99 @@
+"""Turn what is known about a child's exit into one FailureKind (or success).
+
+The order of the checks is the policy: the most specific evidence wins, and a
+supervisor-initiated stop (hang, preemption) is judged by why *we* stopped it,
+not by how the child died of it.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal as signal_mod
+from dataclasses import dataclass
+
+from supervisor.core.model import Evidence, FailureKind
+from trainer_child.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, ErrorKind
+
+
+class Outcome(enum.Enum):
+    """How an attempt ended, before any remediation is chosen."""
+
+    SUCCESS = "success"
+    PREEMPTED = "preempted"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The classification of one exit, with the evidence in words for the journal."""
+
+    outcome: Outcome
+    kind: FailureKind | None
+    evidence: str
+
+
+_HINTS = {
+    ErrorKind.CUDA_OOM.value: FailureKind.CUDA_OOM,
+    ErrorKind.HOST_OOM.value: FailureKind.HOST_OOM,
+    ErrorKind.DISK_FULL.value: FailureKind.DISK_FULL,
+    ErrorKind.CONFIG.value: FailureKind.CONFIG,
+    ErrorKind.DATA.value: FailureKind.CONFIG,
+    ErrorKind.RESUME.value: FailureKind.RESUME,
+}
+
+
+def describe_exit(returncode: int | None, signal: int | None) -> str:
+    """Say how a process ended, e.g. ``exit 1`` or ``killed by SIGKILL``."""
+    if signal is not None:
+        try:
+            return f"killed by {signal_mod.Signals(signal).name}"
+        except ValueError:
+            return f"killed by signal {signal}"
+    return f"exit {returncode}"
+
+
+def classify_exit(
+    returncode: int | None,
+    signal: int | None,
+    evidence: Evidence,
+    *,
+    stop_reason: FailureKind | None,
+    final_complete: bool,
+    disk_below_need: bool,
+) -> Verdict:
+    """Classify one child exit (DESIGN.md, "Failure kinds and what happens")."""
+    how = describe_exit(returncode, signal)
+    error = ""
+    if evidence.error_type:
+        error = f"; {evidence.error_type}: {evidence.error_message or ''}".rstrip(": ")
+
+    if stop_reason is FailureKind.HANG:
+        return Verdict(Outcome.FAILED, FailureKind.HANG, f"heartbeat went stale; {how}")
+    if stop_reason is FailureKind.PREEMPTED:
+        return Verdict(Outcome.PREEMPTED, FailureKind.PREEMPTED, f"stopped on request; {how}")
+    if returncode == EXIT_OK and signal is None:
+        if final_complete:
+            return Verdict(Outcome.SUCCESS, None, how)
+        return Verdict(
+            Outcome.FAILED, FailureKind.CRASH, "exit 0 but final/ has no valid commit record"
+        )
+    if returncode == EXIT_PREEMPTED:
+        # SIGTERM from someone else (a VM shutting down, an operator): the child
+        # saved an emergency checkpoint; resuming is not a failure.
+        return Verdict(Outcome.PREEMPTED, FailureKind.PREEMPTED, f"{how} (emergency checkpoint)")
+    if returncode == EXIT_CONFIG:
+        return Verdict(Outcome.FAILED, FailureKind.CONFIG, f"{how}{error}")
+
+    hinted = _HINTS.get(evidence.error_kind or "")
+    if hinted is not None:
+        return Verdict(Outcome.FAILED, hinted, f"{how}{error}")
+    if signal == signal_mod.SIGKILL and (evidence.cgroup_oom_kill or evidence.kernel_oom_kill):
+        source = "cgroup oom_kill counter rose" if evidence.cgroup_oom_kill else "kernel log"
+        return Verdict(Outcome.FAILED, FailureKind.HOST_OOM, f"{how}; {source}")
+    if evidence.log_cuda_oom:
+        return Verdict(Outcome.FAILED, FailureKind.CUDA_OOM, f"{how}; log says CUDA out of memory")
+    if evidence.log_enospc:
+        return Verdict(Outcome.FAILED, FailureKind.DISK_FULL, f"{how}; log says no space left")
+    if disk_below_need:
+        return Verdict(Outcome.FAILED, FailureKind.DISK_FULL, f"{how}; free space below reserve")
+    return Verdict(Outcome.FAILED, FailureKind.CRASH, f"{how}{error}")
