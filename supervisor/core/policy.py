@@ -529,11 +529,12 @@ def _on_tick(state: State, tick: Tick, now: float) -> Decision:
     if state.mode is Mode.RUNNING and state.child is not None:
         return _check_running(state, tick, now)
     if state.mode is Mode.STOPPING and state.child is not None:
+        child = state.child
         if state.stop_deadline is not None and now >= state.stop_deadline and not state.killed:
             state = dataclasses.replace(state, killed=True)
             return state, [
                 Record("escalated", {"signal": "SIGKILL", "why": "stop grace ran out"}),
-                SendSignal(state.child.pid, Signal.KILL),
+                SendSignal(child.pid, Signal.KILL),
             ]
         return state, []
     if state.mode is Mode.BACKOFF and state.backoff_until is not None:
@@ -610,13 +611,14 @@ def _check_running(state: State, tick: Tick, now: float) -> Decision:
             *(SendSignal(child.pid, sig) for sig in signals),
             Status(state.status),
         ]
-    if state.disk is not None:
+    disk = state.disk
+    if disk is not None:
         reserve = _disk_reserve(state)
-        if reserve and state.disk.free < reserve:
+        if reserve and disk.free < reserve:
             state, freeing = _relieve_disk(state, reason="free space below reserve")
             if freeing:
                 actions.append(
-                    Record("disk_low", {"free_bytes": state.disk.free, "reserve_bytes": reserve})
+                    Record("disk_low", {"free_bytes": disk.free, "reserve_bytes": reserve})
                 )
                 actions += freeing
     line = status_line(state)
@@ -632,8 +634,9 @@ def _check_orphan(state: State, tick: Tick, now: float) -> Decision:
         state, housekeeping = _housekeeping(state, child_alive=False)
         state, launch = _launch(state, now, counted=False)
         return state, [Record("orphan_gone"), *housekeeping, *launch]
+    orphan = state.orphan_pid
     if (
-        state.orphan_pid is not None
+        orphan is not None
         and tick.orphan_alive
         and state.stop_deadline is not None
         and now >= state.stop_deadline
@@ -641,8 +644,8 @@ def _check_orphan(state: State, tick: Tick, now: float) -> Decision:
     ):
         state = dataclasses.replace(state, killed=True)
         return state, [
-            Record("escalated", {"signal": "SIGKILL", "pid": state.orphan_pid}),
-            SendSignal(state.orphan_pid, Signal.KILL),
+            Record("escalated", {"signal": "SIGKILL", "pid": orphan}),
+            SendSignal(orphan, Signal.KILL),
         ]
     return state, []
 

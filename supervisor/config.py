@@ -1,0 +1,267 @@
+"""The job file: one YAML document, validated strictly by pydantic.
+
+Unknown keys are errors naming their field path, so a typo never silently falls
+back to a default overnight. Durations accept seconds or ``90s``/``5m``/``2h``;
+sizes accept bytes or ``20GiB``/``500MB``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from supervisor.core.model import PolicyConfig
+from supervisor.errors import ConfigError
+from trainer_child.protocol import TrainSpec
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_duration(value: object) -> object:
+    """Turn ``90s``/``5m``/``2h``/``1.5`` into seconds; leave ``auto`` and bad input to pydantic."""
+    if isinstance(value, str) and value.strip() != "auto":
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration: use seconds or e.g. 90s, 5m, 2h")
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return value
+
+
+def parse_size(value: object) -> object:
+    """Turn ``20GiB``/``500MB``/bytes into an int; leave ``auto`` to pydantic."""
+    if isinstance(value, str) and value.strip() != "auto":
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a size: use bytes or e.g. 500MB, 20GiB")
+        unit = (match.group(2) or "B").lower()
+        return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    return value
+
+
+Duration = Annotated[float, Field(ge=0), BeforeValidator(parse_duration)]
+Size = Annotated[int, Field(ge=0), BeforeValidator(parse_size)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RestartConfig(_Section):
+    """How often and how fast to restart a failed child."""
+
+    max_restarts: int = Field(default=20, ge=0)
+    window: Duration = 3600.0
+    backoff_initial: Duration = 5.0
+    backoff_max: Duration = 300.0
+    no_progress_limit: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RestartConfig:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be >= backoff_initial")
+        return self
+
+
+class RetentionConfig(_Section):
+    """Which checkpoints the supervisor keeps (it owns pruning, not the Trainer)."""
+
+    keep_last: int = Field(default=3, ge=1)
+    keep_best: bool = True
+    keep_every: int | None = Field(default=None, ge=1)
+
+
+class DiskConfig(_Section):
+    """Free space to keep: bytes, a size string, or auto (2 x the largest checkpoint)."""
+
+    reserve: Size | Literal["auto"] = "auto"
+
+
+class HangConfig(_Section):
+    """How long a silent heartbeat may last, per phase, before the child is called hung."""
+
+    timeout: Duration | Literal["auto"] = "auto"
+    startup_timeout: Duration = 1800.0
+    save_timeout: Duration | Literal["auto"] = "auto"
+    kill_grace: Duration = 30.0
+
+
+class PreemptionConfig(_Section):
+    """How long an emergency checkpoint may take after SIGTERM."""
+
+    grace: Duration = 120.0
+
+
+class BatchConfig(_Section):
+    """The micro-batch of a ``command:`` job, so an OOM can be remediated.
+
+    The built-in job reads it from ``train.sft`` instead.
+    """
+
+    per_device_train_batch_size: int | None = Field(default=None, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+
+
+class Config(_Section):
+    """A whole job file."""
+
+    output_dir: Path
+    train: TrainSpec | None = None
+    command: list[str] | None = Field(default=None, min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    batch: BatchConfig = BatchConfig()
+    restart: RestartConfig = RestartConfig()
+    retention: RetentionConfig = RetentionConfig()
+    disk: DiskConfig = DiskConfig()
+    hang: HangConfig = HangConfig()
+    preemption: PreemptionConfig = PreemptionConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _save_total_limit_is_retention(cls, data: Any) -> Any:
+        """Map a user's ``train.sft.save_total_limit`` onto ``retention.keep_last``.
+
+        The child always runs with save_total_limit=None because HF's own rotation
+        can delete the only good checkpoint; the supervisor prunes instead.
+        """
+        if not isinstance(data, dict):
+            return data
+        train = data.get("train")
+        sft = train.get("sft") if isinstance(train, dict) else None
+        if isinstance(sft, dict) and sft.get("save_total_limit") is not None:
+            retention = dict(data.get("retention") or {})
+            retention.setdefault("keep_last", sft["save_total_limit"])
+            data = {**data, "retention": retention}
+        return data
+
+    @model_validator(mode="after")
+    def _one_job(self) -> Config:
+        if (self.train is None) == (self.command is None):
+            raise ValueError("give exactly one of `train:` (the built-in job) or `command:`")
+        return self
+
+    @property
+    def micro_batch(self) -> int | None:
+        if self.train is not None:
+            value = self.train.sft.get("per_device_train_batch_size", 8)
+            return int(value) if isinstance(value, int) else None
+        return self.batch.per_device_train_batch_size
+
+    @property
+    def grad_accum(self) -> int:
+        if self.train is not None:
+            value = self.train.sft.get("gradient_accumulation_steps", 1)
+            return int(value) if isinstance(value, int) else 1
+        return self.batch.gradient_accumulation_steps
+
+    def policy(self) -> PolicyConfig:
+        """The subset the pure policy reads, in seconds and bytes."""
+        return PolicyConfig(
+            max_restarts=self.restart.max_restarts,
+            window=self.restart.window,
+            backoff_initial=self.restart.backoff_initial,
+            backoff_max=self.restart.backoff_max,
+            no_progress_limit=self.restart.no_progress_limit,
+            keep_last=self.retention.keep_last,
+            keep_best=self.retention.keep_best,
+            keep_every=self.retention.keep_every,
+            disk_reserve=None if self.disk.reserve == "auto" else int(self.disk.reserve),
+            hang_timeout=None if self.hang.timeout == "auto" else float(self.hang.timeout),
+            startup_timeout=self.hang.startup_timeout,
+            save_timeout=None
+            if self.hang.save_timeout == "auto"
+            else float(self.hang.save_timeout),
+            kill_grace=self.hang.kill_grace,
+            preemption_grace=self.preemption.grace,
+            micro_batch=self.micro_batch or 0,
+            grad_accum=self.grad_accum,
+            require_record=self.train is not None,
+        )
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif parts:
+            parts.append(f".{item}")
+        else:
+            parts.append(str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _describe(errors: list[Any]) -> list[str]:
+    lines = []
+    for err in errors:
+        # pydantic appends the union member / validator name to loc; drop those.
+        loc = tuple(
+            part
+            for part in err["loc"]
+            if not (isinstance(part, str) and ("[" in part or part in ("literal['auto']",)))
+        )
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{_field_path(loc)}: unknown key (check the spelling)")
+        else:
+            lines.append(f"{_field_path(loc)}: {err['msg']}")
+    return sorted(set(lines), key=lines.index)
+
+
+def parse_config(data: object, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate an already-parsed document; relative output_dir is taken from base_dir."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the file must be a YAML mapping with at least output_dir"])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _describe(exc.errors())) from None
+    if base_dir is not None and not config.output_dir.is_absolute():
+        config = config.model_copy(update={"output_dir": (base_dir / config.output_dir)})
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a job file; raise ConfigError listing every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"invalid YAML{where}: {problem}"]) from None
+    # Relative output_dir is relative to the working directory, as users expect
+    # from every other CLI; systemd units set WorkingDirectory for this.
+    return parse_config(data, source=source)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the job file (``trainwarden schema``)."""
+    return Config.model_json_schema()

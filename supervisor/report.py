@@ -1,0 +1,232 @@
+"""What `trainwarden status`, `checkpoints` and `prune` read and print.
+
+Everything here works from the files alone (state.json, heartbeat.json,
+events.jsonl, the checkpoint folders), so it answers while a supervisor runs,
+after it died, or for a run that finished long ago.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from supervisor.core.advice import advised_save_steps
+from supervisor.shell.journal import read_events, read_state
+from supervisor.shell.store import FileCheckpointStore, describe_checkpoints, plan_prune
+from trainer_child.protocol import (
+    CommitRecord,
+    Heartbeat,
+    Layout,
+    read_model,
+)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def gather_status(output_dir: Path) -> dict[str, Any]:
+    """Collect a run's status as plain data (the --json output)."""
+    layout = Layout(output_dir)
+    state = read_state(layout)
+    beat = read_model(layout.heartbeat, Heartbeat)
+    events = read_events(layout)
+    rows = describe_checkpoints(output_dir, deep=False)
+    valid = [r for r in rows if r.status == "valid"]
+    newest = max(valid, key=lambda r: r.step) if valid else None
+    failures = [e for e in events if e.event == "failure"]
+    by_kind = Counter(e.kind or "crash" for e in failures)
+    last = failures[-1] if failures else None
+    usage = os.statvfs(output_dir)
+    supervisor_alive = _alive(state.supervisor_pid if state else None)
+    child_alive = _alive(state.child_pid if state else None)
+
+    if state is None:
+        run_state = "not started"
+    elif state.completed or (layout.final / "warden.json").exists():
+        run_state = "completed"
+    elif state.gave_up:
+        run_state = "gave up"
+    elif supervisor_alive:
+        run_state = state.mode or "running"
+    else:
+        run_state = "not running"
+
+    eta = None
+    if beat is not None and beat.max_steps and beat.last_step_seconds and run_state != "completed":
+        eta = max(0, beat.max_steps - beat.step) * beat.last_step_seconds
+
+    report: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "state": run_state,
+        "status": state.status if state else "",
+        "supervisor_pid": state.supervisor_pid if state and supervisor_alive else None,
+        "child_pid": state.child_pid if state and child_alive else None,
+        "step": beat.step if beat else (state.step if state else None),
+        "max_steps": beat.max_steps if beat else (state.max_steps if state else None),
+        "phase": beat.phase.value if beat else None,
+        "heartbeat_age_seconds": round(time.time() - beat.wall_time, 1) if beat else None,
+        "eta_seconds": round(eta, 1) if eta is not None else None,
+        "newest_valid_checkpoint": newest.step if newest else None,
+        "attempts": state.attempts if state else 0,
+        "restarts": sum(by_kind.values()),
+        "restarts_by_kind": dict(by_kind),
+        "overrides": state.overrides.model_dump(exclude_none=True) if state else {},
+        "last_failure": (
+            {
+                "kind": last.kind,
+                "attempt": last.attempt,
+                "step": (last.model_extra or {}).get("step"),
+                "evidence": (last.model_extra or {}).get("evidence"),
+                "ts": last.ts,
+            }
+            if last
+            else None
+        ),
+        "gave_up": state.gave_up if state else None,
+        "disk_free_bytes": usage.f_bavail * usage.f_frsize,
+        "disk_total_bytes": usage.f_blocks * usage.f_frsize,
+        "save_interval_advice": _advice(output_dir, events, beat, rows),
+    }
+    return report
+
+
+def _advice(output_dir: Path, events: list[Any], beat: Heartbeat | None, rows: list[Any]) -> Any:
+    """Young/Daly save interval from measured save time, step time and failure rate."""
+    saves = []
+    for row in rows:
+        if row.status != "valid":
+            continue
+        record = read_model(output_dir / f"checkpoint-{row.step}" / "warden.json", CommitRecord)
+        if record is not None and record.save_seconds:
+            saves.append(record.save_seconds)
+    failures = [e for e in events if e.event == "failure"]
+    launches = [e for e in events if e.event == "launch"]
+    if not saves or not failures or not launches or beat is None or not beat.last_step_seconds:
+        return None
+    span = max(e.ts for e in events) - min(e.ts for e in launches)
+    mtbf = span / len(failures)
+    if mtbf <= 0:
+        return None
+    save = sum(saves) / len(saves)
+    return {
+        "save_seconds": round(save, 3),
+        "mtbf_seconds": round(mtbf, 1),
+        "step_seconds": round(beat.last_step_seconds, 4),
+        "advised_save_steps": advised_save_steps(save, mtbf, beat.last_step_seconds),
+    }
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def render_status(report: dict[str, Any], console: Console) -> None:
+    """Print the status report as a small table."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    progress = "-"
+    if report["step"] is not None:
+        progress = f"{report['step']}/{report['max_steps'] or '?'}"
+        if report["phase"]:
+            progress += f" ({report['phase']})"
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(report["restarts_by_kind"].items()))
+    table.add_row("output_dir", report["output_dir"])
+    table.add_row("state", report["state"])
+    if report["status"]:
+        table.add_row("status", report["status"])
+    table.add_row("step", progress)
+    table.add_row("eta", _duration(report["eta_seconds"]))
+    newest = report["newest_valid_checkpoint"]
+    table.add_row("newest valid", f"checkpoint-{newest}" if newest is not None else "none")
+    table.add_row("restarts", f"{report['restarts']}" + (f" ({kinds})" if kinds else ""))
+    if report["overrides"]:
+        table.add_row("overrides", ", ".join(f"{k}={v}" for k, v in report["overrides"].items()))
+    table.add_row(
+        "disk free", f"{_size(report['disk_free_bytes'])} of {_size(report['disk_total_bytes'])}"
+    )
+    last = report["last_failure"]
+    if last:
+        table.add_row("last failure", f"{last['kind']} at step {last['step']}: {last['evidence']}")
+    if report["gave_up"]:
+        table.add_row("gave up", report["gave_up"])
+    advice = report["save_interval_advice"]
+    if advice:
+        table.add_row(
+            "save interval",
+            f"advise save_steps={advice['advised_save_steps']} (Young/Daly: save "
+            f"{advice['save_seconds']}s, MTBF {advice['mtbf_seconds']}s, step "
+            f"{advice['step_seconds']}s)",
+        )
+    console.print(table)
+
+
+def render_checkpoints(output_dir: Path, *, deep: bool, console: Console) -> None:
+    """Print every checkpoint folder with its verdict and size."""
+    table = Table(title=f"checkpoints in {output_dir}")
+    for column in ("checkpoint", "status", "size", "problems"):
+        table.add_column(column)
+    colours = {"valid": "green", "in_progress": "cyan", "partial": "yellow", "corrupt": "red"}
+    for row in describe_checkpoints(output_dir, deep=deep):
+        colour = colours.get(row.status, "magenta")
+        table.add_row(
+            row.name,
+            f"[{colour}]{row.status}[/]",
+            _size(row.size_bytes),
+            "; ".join(row.problems),
+        )
+    console.print(table)
+
+
+def run_prune(
+    output_dir: Path,
+    *,
+    keep_last: int,
+    keep_best: bool,
+    keep_every: int | None,
+    dry_run: bool,
+    console: Console,
+) -> int:
+    """Delete what retention would delete; refuse while a supervisor owns the dir."""
+    doomed = plan_prune(output_dir, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
+    if not doomed:
+        console.print("nothing to prune")
+        return 0
+    verb = "would remove" if dry_run else "removing"
+    for step in doomed:
+        console.print(f"{verb} checkpoint-{step}")
+    if dry_run:
+        return 0
+    store = FileCheckpointStore(output_dir, require_record=False)
+    for step in doomed:
+        store.remove(step, "trainwarden prune")
+    return 0
