@@ -191,9 +191,7 @@ def summary_table(layout: Layout, elapsed: float, kills: list[str]) -> Table:
     table.add_row("result", "completed" if final else "NOT completed")
     table.add_row("optimizer steps", str(final.step if final else "-"))
     table.add_row("attempts", str(len(launches)))
-    table.add_row(
-        "restarts", ", ".join(f"{n} {k}" for k, n in by_kind.items()) if by_kind else "0"
-    )
+    table.add_row("restarts", ", ".join(f"{n} {k}" for k, n in by_kind.items()) if by_kind else "0")
     table.add_row("chaos", "; ".join(kills) or "-")
     table.add_row("steps lost (heartbeat-sampled)", str(lost))
     quarantined = sorted(p.name for p in layout.quarantine.iterdir() if p.is_dir())
