@@ -7,6 +7,7 @@ fraction of a second on a busy GPU box.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -65,6 +66,9 @@ def run(
 ) -> None:
     """Supervise a job in the foreground until it completes (the systemd ExecStart)."""
     tw_logging.configure(json=None if log_format == "auto" else log_format == "json")
+    # A watchdog kill (SIGABRT) or a fatal error then leaves the loop's stack in
+    # the journal instead of nothing.
+    faulthandler.enable()
     job = _config_or_exit(config)
     try:
         code = Supervisor(job, config_path=config).run()

@@ -339,12 +339,18 @@ class Supervisor:
             log.info("signal_sent", pid=action.pid, signal=action.signal.value)
         elif isinstance(action, Quarantine):
             with _logged_failure("quarantine_failed", step=action.step):
-                self.shell.store.quarantine(action.step, action.reason)
-                self._record("quarantined", {"step": action.step, "reason": action.reason})
+                slot = self.shell.store.quarantine(action.step, action.reason)
+                if slot is not None:
+                    self._record(
+                        "quarantined",
+                        {"step": action.step, "reason": action.reason, "to": str(slot)},
+                    )
         elif isinstance(action, Remove):
             with _logged_failure("remove_failed", step=action.step):
-                self.shell.store.remove(action.step, action.reason)
-                self._record("pruned", {"step": action.step, "reason": action.reason})
+                freed = self.shell.store.remove(action.step, action.reason)
+                self._record(
+                    "pruned", {"step": action.step, "reason": action.reason, "bytes": freed}
+                )
         elif isinstance(action, FreeSpace):
             with _logged_failure("free_space_failed"):
                 freed = self.shell.store.empty_trash() + self.shell.store.purge_quarantine()

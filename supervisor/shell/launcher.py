@@ -299,7 +299,7 @@ class ProcessLauncher:
             self._children[proc.pid] = child
             self._threads.append(waiter)
         waiter.start()
-        log.info("child_spawned", pid=proc.pid, argv0=argv[0], log=str(log_path))
+        log.debug("child_spawned", pid=proc.pid, argv0=argv[0], log=str(log_path))
         return ChildHandle(pid=proc.pid, started_at=started_at, log_path=log_path)
 
     def _wait(self, proc: subprocess.Popen[bytes], on_exit: ExitCallback) -> None:

@@ -212,7 +212,7 @@ class FileCheckpointStore:
             slot.with_name(slot.name + _REASON_SUFFIX),
             json.dumps(record, indent=1).encode() + b"\n",
         )
-        log.info("checkpoint_quarantined", step=step, reason=reason, slot=str(slot))
+        log.debug("checkpoint_quarantined", step=step, reason=reason, slot=str(slot))
         return slot
 
     def remove(self, step: int, reason: str) -> int:
@@ -227,7 +227,7 @@ class FileCheckpointStore:
         size = dir_size(source)
         slot = self._move_into(self.layout.trash, source)
         freed = size - _delete_slot(slot)
-        log.info("checkpoint_removed", step=step, reason=reason, bytes=freed)
+        log.debug("checkpoint_removed", step=step, reason=reason, bytes=freed)
         return freed
 
     def empty_trash(self) -> int:
