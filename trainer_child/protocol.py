@@ -217,6 +217,11 @@ class Heartbeat(_Model):
     wall_time: float
     #: Seconds the last optimizer step took, for the adaptive hang timeout.
     last_step_seconds: float | None = None
+    #: Wall times (time.time()) of this attempt's milestones, each noted once:
+    #: ``started``, ``imports``, ``dataset``, ``model``, ``trainer``, ``train_begin``
+    #: (resume checkpoint loaded), ``first_step``, ``train_end``. Informational
+    #: (bench/ splits restart latency with them); the supervisor does not read it.
+    marks: dict[str, float] = Field(default_factory=dict)
 
 
 class ErrorReport(_Model):

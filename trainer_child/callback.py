@@ -1,0 +1,380 @@
+"""``WardenCallback``: commit records, heartbeats and the emergency save for any HF Trainer.
+
+Add it to a Trainer (``callbacks=[WardenCallback()]``) and a plain HF script gets
+what the built-in job has:
+
+* ``checkpoint-N/warden.json`` after every save: the proof, written last, that the
+  folder is complete (see ``commit_checkpoint`` for the durability order);
+* ``.warden/heartbeat.json`` from the training loop itself, never from a thread,
+  so a hung loop looks hung;
+* SIGTERM once training runs -> save at the next step end -> commit -> exit 75
+  (EXIT_PREEMPTED); before that SIGTERM keeps its default and kills at once,
+  since a loading process has nothing to save;
+* SIGUSR1 -> every thread's Python stack on stderr (faulthandler), so the
+  supervisor can show where a hung child is stuck;
+* the test-only failpoints of ``failpoints.py``.
+
+Hazard, multi-process: SIGTERM reaches each rank at its own moment, so ranks may
+request the emergency save at different steps and then wait on each other in
+the save's collectives. Single-process training (the built-in job) is exact.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib.metadata
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from trainer_child.failpoints import Failpoints
+from trainer_child.heartbeat import HeartbeatWriter, attempt_from_env, mark
+from trainer_child.protocol import (
+    COMMIT_RECORD,
+    EXIT_PREEMPTED,
+    CommitRecord,
+    FileEntry,
+    Phase,
+    atomic_write_model,
+    file_digest,
+    fsync_dir,
+)
+
+__all__ = [
+    "TrainingAlreadyComplete",
+    "WardenCallback",
+    "commit_checkpoint",
+    "install_preemption_handler",
+    "install_stack_dumper",
+    "library_versions",
+    "preemption_requested",
+]
+
+log = logging.getLogger("trainer_child")
+
+#: The libraries whose versions decide whether a checkpoint resumes bit-identically.
+VERSIONED_LIBRARIES = ("torch", "transformers", "trl", "peft")
+
+
+class TrainingAlreadyComplete(Exception):
+    """Raised instead of a step past ``max_steps``; the caller saves the final model.
+
+    HF resumes a checkpoint taken at ``max_steps`` in mid-epoch by skipping the
+    batches already seen and then running one more optimizer step before it
+    checks the limit (measured: resuming the last checkpoint of a 16-step run
+    commits checkpoint-17), so a final save that failed after the last
+    checkpoint would otherwise end one step past the uninterrupted run.
+    """
+
+
+def _output_dir(args: TrainingArguments) -> str:
+    # TrainingArguments.__post_init__ replaces None with "trainer_output".
+    return args.output_dir or "trainer_output"
+
+
+class _Preemption:
+    """Set by the SIGTERM handler and read at step boundaries; nothing else.
+
+    A handler that saved or raised would run at an arbitrary bytecode, possibly
+    in the middle of an optimizer step or of HF's own save.
+    """
+
+    requested = False
+    installed = False
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    _Preemption.requested = True
+
+
+def preemption_requested() -> bool:
+    """Return whether SIGTERM has arrived in this process."""
+    return _Preemption.requested
+
+
+def install_preemption_handler() -> bool:
+    """Route SIGTERM to the preemption flag (idempotent); False off the main thread."""
+    if _Preemption.installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("preemption_handler_skipped reason=not_main_thread")
+        return False
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _Preemption.installed = True
+    return True
+
+
+def install_stack_dumper() -> None:
+    """Dump every thread's Python stack to stderr on SIGUSR1 (the hang diagnosis)."""
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+
+
+def library_versions() -> dict[str, str]:
+    """Return the installed versions of the libraries a checkpoint depends on."""
+    versions: dict[str, str] = {}
+    for name in VERSIONED_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _is_record_file(name: str) -> bool:
+    # warden.json and the temporary file atomic_write_model may leave behind a crash.
+    return name == COMMIT_RECORD or (
+        name.startswith(f".{COMMIT_RECORD}.") and name.endswith(".tmp")
+    )
+
+
+def commit_checkpoint(
+    folder: str | os.PathLike[str],
+    *,
+    step: int,
+    reason: Literal["periodic", "emergency", "final"],
+    max_steps: int | None = None,
+    per_device_train_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+    attempt: int | None = None,
+    save_seconds: float | None = None,
+    save_started: float | None = None,
+) -> CommitRecord:
+    """Hash, fsync and seal a finished checkpoint folder with ``warden.json``.
+
+    Order matters: every file is hashed (while still in the page cache) and
+    fsynced, then every folder (so the names are durable), then the record goes
+    in by tmp + fsync + rename + dir fsync. A crash at any point leaves either
+    no record or a record whose every file was durable first. Only regular files
+    are listed; a symlink inside a checkpoint is not trusted.
+    """
+    root = Path(folder)
+    entries: list[FileEntry] = []
+    folders: list[Path] = []
+    for current, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        folders.append(Path(current))
+        for name in sorted(filenames):
+            path = Path(current) / name
+            if (Path(current) == root and _is_record_file(name)) or path.is_symlink():
+                continue
+            digest = file_digest(path)
+            size = path.stat().st_size
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            entries.append(
+                FileEntry(path=path.relative_to(root).as_posix(), size=size, hash=digest)
+            )
+    # Deepest first, then the output dir so the checkpoint's own name is durable.
+    for path in [*reversed(folders), root.parent]:
+        fsync_dir(path)
+    if save_seconds is None and save_started is not None:
+        save_seconds = time.monotonic() - save_started
+    record = CommitRecord(
+        step=step,
+        max_steps=max_steps,
+        reason=reason,
+        files=tuple(entries),
+        versions=library_versions(),
+        per_device_train_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        attempt=attempt,
+        wall_time=time.time(),
+        save_seconds=save_seconds,
+    )
+    atomic_write_model(root / COMMIT_RECORD, record)
+    log.info(
+        "checkpoint_committed step=%d reason=%s files=%d bytes=%d save_seconds=%.3f",
+        step,
+        reason,
+        len(entries),
+        sum(entry.size for entry in entries),
+        record.save_seconds or 0.0,
+    )
+    return record
+
+
+class WardenCallback(TrainerCallback):
+    """Make any HF Trainer run supervisable by trainwarden (see the module docstring).
+
+    ``output_dir`` comes from the TrainingArguments and the attempt number from
+    ``TRAINWARDEN_ATTEMPT``, so a bring-your-own script needs no arguments.
+    ``handle_sigterm=False`` leaves SIGTERM to the script; ``final_save_follows``
+    says the caller saves a final model after ``train()`` returns, so the end of
+    training is announced as phase ``save`` rather than ``done``, and a resume
+    at ``max_steps`` raises ``TrainingAlreadyComplete`` for the caller to catch.
+    """
+
+    def __init__(self, *, handle_sigterm: bool = True, final_save_follows: bool = False) -> None:
+        self.attempt = attempt_from_env()
+        # Parse now: a malformed spec is a config error before any work is done.
+        self.failpoints = Failpoints.from_env()
+        self.heartbeat: HeartbeatWriter | None = None
+        #: Whether the loop reached its first step; until then a resume is still loading.
+        self.loop_started = False
+        self.phase = Phase.LOAD
+        self.step = 0
+        self._step_started: float | None = None
+        self._save_started: float | None = None
+        self._emergency = False
+        self._handle_sigterm = handle_sigterm
+        self._final_save_follows = final_save_follows
+        install_stack_dumper()
+
+    # --- heartbeat ----------------------------------------------------------------
+
+    def _beat(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        phase: Phase,
+        *,
+        last_step_seconds: float | None = None,
+    ) -> None:
+        self.phase = phase
+        self.step = state.global_step
+        if not state.is_world_process_zero:
+            return
+        if self.heartbeat is None or self.heartbeat.layout.output_dir != Path(_output_dir(args)):
+            self.heartbeat = HeartbeatWriter(_output_dir(args), attempt=self.attempt)
+        self.heartbeat.beat(
+            phase,
+            step=state.global_step,
+            max_steps=state.max_steps or None,
+            last_step_seconds=last_step_seconds,
+        )
+
+    def _save_requested(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        *,
+        last_step_seconds: float | None = None,
+    ) -> None:
+        self._save_started = time.monotonic()
+        self._beat(args, state, Phase.SAVE, last_step_seconds=last_step_seconds)
+        self.failpoints.save_started()
+
+    # --- trainer events ---------------------------------------------------------------
+
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.failpoints.bind(_output_dir(args))
+        self._beat(args, state, Phase.LOAD)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.failpoints.bind(_output_dir(args))
+        if self._handle_sigterm:
+            # Only now: until the loop runs there is no progress to save, so a
+            # SIGTERM during a (possibly minutes-long) load should kill at once
+            # rather than wait for the load to finish and outlast the grace.
+            install_preemption_handler()
+        mark("train_begin")
+        self._beat(args, state, Phase.TRAIN)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.loop_started = True
+        if self._final_save_follows and state.max_steps and state.global_step >= state.max_steps:
+            raise TrainingAlreadyComplete(
+                f"resumed at step {state.global_step} of {state.max_steps}"
+            )
+        self._step_started = time.monotonic()
+        if self.failpoints:
+            self.failpoints.at_step_begin(state.global_step + 1)
+
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # Long gradient-accumulation steps still show life, from the loop itself.
+        self._beat(args, state, Phase.TRAIN)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        mark("first_step")  # noted once: the end of this attempt's first optimizer step
+        seconds = None if self._step_started is None else time.monotonic() - self._step_started
+        if preemption_requested():
+            # Ask HF for a save; keep asking until one happens (save_strategy="best"
+            # may veto a single request). Exiting happens in on_save, after the
+            # commit. should_training_stop is deliberately left alone: HF stores
+            # the control flags in trainer_state.json, and a resume with
+            # restore_callback_states_from_checkpoint would stop one step later.
+            if not self._emergency:
+                log.warning("preemption_save_requested step=%d", state.global_step)
+            self._emergency = True
+            control.should_save = True
+        if control.should_evaluate:
+            self._beat(args, state, Phase.EVAL, last_step_seconds=seconds)
+        elif control.should_save:
+            self._save_requested(args, state, last_step_seconds=seconds)
+        else:
+            self._beat(args, state, Phase.TRAIN, last_step_seconds=seconds)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if control.should_save and self.phase is not Phase.SAVE:
+            self._save_requested(args, state)
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._beat(args, state, Phase.EVAL)
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if control.should_save:
+            self._save_requested(args, state)
+        else:
+            self._beat(args, state, Phase.TRAIN)
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.failpoints.save_finished()
+        folder = Path(_output_dir(args)) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and not folder.is_dir():
+            # Hyperparameter search saves under run-N/; nothing trainwarden watches.
+            log.warning("commit_skipped reason=no_checkpoint_folder path=%s", folder)
+        elif state.is_world_process_zero:
+            commit_checkpoint(
+                folder,
+                step=state.global_step,
+                reason="emergency" if self._emergency else "periodic",
+                max_steps=state.max_steps or None,
+                per_device_train_batch_size=args.per_device_train_batch_size,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                attempt=self.attempt,
+                save_started=self._save_started,
+            )
+        self._save_started = None
+        if preemption_requested() and state.global_step < state.max_steps:
+            # Also when SIGTERM arrived during a periodic save: it is committed, so
+            # every bit of progress is safe and the grace period is not spent. At
+            # the last step the run is done: finishing (final/, exit 0) is quicker
+            # than a restart that would only write final/.
+            log.warning("preempted step=%d checkpoint=%s", state.global_step, folder)
+            raise SystemExit(EXIT_PREEMPTED)
+        self._beat(args, state, Phase.TRAIN)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        mark("train_end")
+        self._beat(args, state, Phase.SAVE if self._final_save_follows else Phase.DONE)

@@ -1,0 +1,329 @@
+"""Build the built-in SFT + LoRA job (model, tokenizer, dataset, SFTTrainer) from a JobFile.
+
+Everything the user can get wrong is checked here and raised as ConfigError or
+DataError, so it ends as exit 78 and the supervisor does not retry a job that
+can never work. The fields trainwarden owns are forced here too:
+
+* ``output_dir`` and ``resume_from_checkpoint``: the supervisor decides them; a
+  user value would fight it, so it is a config error;
+* ``save_total_limit``: always None, because HF's rotation deletes checkpoints
+  without knowing which one is valid; the supervisor maps the user's value to
+  ``retention.keep_last`` and prunes itself;
+* ``report_to``: always "none"; a restarting child must not open new tracker runs.
+
+Heavy libraries are imported inside functions so that importing this module
+costs nothing until the job is really built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainer_child import builtin
+from trainer_child.errors import ConfigError, DataError
+from trainer_child.heartbeat import mark
+from trainer_child.protocol import JobFile, Layout, LoraSpec, TrainSpec, fsync_dir
+
+if TYPE_CHECKING:
+    from trainer_child.callback import WardenCallback
+
+__all__ = [
+    "build_lora_config",
+    "build_sft_config",
+    "build_trainer",
+    "load_model_and_tokenizer",
+    "load_train_dataset",
+    "resolve_model_path",
+    "save_final",
+]
+
+log = logging.getLogger("trainer_child")
+
+#: Fields of SFTConfig that belong to trainwarden, not to the user.
+RESERVED_FIELDS = ("output_dir", "resume_from_checkpoint")
+#: Local file suffixes and the ``datasets`` builder that reads each.
+DATASET_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _sft_field_names() -> list[str]:
+    from trl.trainer.sft_config import SFTConfig
+
+    return sorted(field.name for field in dataclasses.fields(SFTConfig) if field.init)
+
+
+def _unknown_field_message(unknown: list[str], valid: list[str]) -> str:
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        parts.append(f"{name!r}{hint}")
+    return f"unknown train.sft field {', '.join(parts)}: not a trl.SFTConfig field"
+
+
+def _hardware_defaults(user: dict[str, Any]) -> dict[str, Any]:
+    """Return precision and pinning the hardware can do, for what the user left unset.
+
+    TRL defaults to bf16=True, which fails or crawls on a CPU; pinned memory
+    only helps (and only stays quiet) with an accelerator.
+    """
+    import torch
+
+    defaults: dict[str, Any] = {"dataloader_pin_memory": torch.cuda.is_available()}
+    if "bf16" not in user and "fp16" not in user:
+        if not torch.cuda.is_available():
+            defaults.update(bf16=False, fp16=False)
+        elif torch.cuda.is_bf16_supported():
+            defaults.update(bf16=True, fp16=False)
+        else:
+            defaults.update(bf16=False, fp16=True)
+    return {key: value for key, value in defaults.items() if key not in user}
+
+
+def build_sft_config(job: JobFile) -> tuple[Any, dict[str, Any]]:
+    """Return ``(SFTConfig, model_init_kwargs)`` for the job, validated against SFTConfig.
+
+    ``model_init_kwargs`` is taken out of the config because the model is loaded
+    here, through ``from_pretrained``, not by SFTTrainer from a name.
+    """
+    from trl.trainer.sft_config import SFTConfig
+
+    user = dict(job.train.sft)
+    valid = _sft_field_names()
+    unknown = sorted(set(user) - set(valid))
+    if unknown:
+        raise ConfigError(_unknown_field_message(unknown, valid))
+    for name in RESERVED_FIELDS:
+        if name in user:
+            raise ConfigError(
+                f"train.sft.{name} is set by trainwarden (output_dir is the top-level "
+                "output_dir; the checkpoint to resume from is chosen by the supervisor): remove it"
+            )
+    if "save_total_limit" in user:
+        log.warning(
+            "sft_field_ignored field=save_total_limit value=%s "
+            "reason=the supervisor prunes checkpoints (retention.keep_last)",
+            user.pop("save_total_limit"),
+        )
+    if user.get("report_to") not in (None, "none", [], ["none"]):
+        log.warning("sft_field_ignored field=report_to value=%s", user["report_to"])
+    user.pop("report_to", None)
+    text_field = user.pop("dataset_text_field", job.train.text_field)
+    if text_field != job.train.text_field:
+        raise ConfigError(
+            f"train.sft.dataset_text_field={text_field!r} contradicts "
+            f"train.text_field={job.train.text_field!r}: set train.text_field only"
+        )
+    model_init_kwargs = user.pop("model_init_kwargs", None) or {}
+    if not isinstance(model_init_kwargs, dict):
+        raise ConfigError("train.sft.model_init_kwargs must be a mapping")
+
+    settings: dict[str, Any] = {
+        # Progress bars fill a size-bounded log with carriage returns; HF's
+        # PrinterCallback prints the same metrics as plain lines instead.
+        "disable_tqdm": True,
+        **_hardware_defaults(user),
+        **user,
+        "output_dir": job.output_dir,
+        "save_total_limit": None,
+        "report_to": "none",
+        "dataset_text_field": job.train.text_field,
+    }
+    overrides = job.overrides
+    if overrides.per_device_train_batch_size is not None:
+        settings["per_device_train_batch_size"] = overrides.per_device_train_batch_size
+    if overrides.gradient_accumulation_steps is not None:
+        settings["gradient_accumulation_steps"] = overrides.gradient_accumulation_steps
+    try:
+        config = SFTConfig(**settings)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid train.sft settings: {exc}") from exc
+    return config, model_init_kwargs
+
+
+def resolve_model_path(spec: str) -> str:
+    """Return a local folder or hub id for ``train.model`` (building a built-in model)."""
+    if spec.startswith("builtin:"):
+        if spec == builtin.TINY_GPT2:
+            return str(builtin.ensure_tiny_gpt2())
+        raise ConfigError(
+            f"unknown built-in model {spec!r}: use {', '.join(builtin.BUILTIN_MODELS)}"
+        )
+    path = os.path.expanduser(spec)
+    if os.path.exists(path):
+        return path
+    if spec.startswith(("/", ".", "~")):
+        raise ConfigError(f"train.model {spec!r} is not an existing folder")
+    return spec
+
+
+def _is_missing_repo(exc: BaseException) -> bool:
+    # huggingface_hub's RepositoryNotFoundError and friends: the id is wrong, not the network.
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError"})
+
+
+def load_model_and_tokenizer(
+    spec: str, model_init_kwargs: dict[str, Any], *, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """Load the causal LM and its tokenizer through ``from_pretrained``, as for any model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    kwargs = {"trust_remote_code": trust_remote_code, **model_init_kwargs}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        if _is_missing_repo(exc):
+            raise ConfigError(f"train.model {spec!r} does not exist: {exc}") from exc
+        raise
+    return model, tokenizer
+
+
+def load_train_dataset(train: TrainSpec) -> Any:
+    """Load ``train.dataset`` and keep only ``train.text_field``; DataError if unusable."""
+    import datasets
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+
+    spec = train.dataset
+    if spec.startswith("builtin:"):
+        if spec != builtin.TINY_DATASET:
+            choices = ", ".join(builtin.BUILTIN_DATASETS)
+            raise ConfigError(f"unknown built-in dataset {spec!r}: use {choices}")
+        dataset = builtin.tiny_dataset()
+    else:
+        path = Path(os.path.expanduser(spec))
+        suffix = path.suffix.lower()
+        if suffix in DATASET_BUILDERS or spec.startswith(("/", ".", "~")):
+            if not path.is_file():
+                raise DataError(f"train.dataset file {spec!r} does not exist")
+            if suffix not in DATASET_BUILDERS:
+                supported = ", ".join(DATASET_BUILDERS)
+                raise DataError(f"train.dataset {spec!r}: unsupported file type (use {supported})")
+            try:
+                dataset = datasets.load_dataset(
+                    DATASET_BUILDERS[suffix], data_files=str(path), split="train"
+                )
+            except Exception as exc:
+                # Anything the reader trips on is the file's fault; a full disk
+                # under the datasets cache is still seen as disk_full (errors.py).
+                raise DataError(f"cannot read train.dataset {spec!r}: {exc}") from exc
+        else:
+            try:
+                dataset = datasets.load_dataset(spec, split=train.dataset_split)
+            except (DatasetNotFoundError, DataFilesNotFoundError) as exc:
+                # The id or split is wrong; a network failure stays a (retried) crash.
+                raise DataError(f"train.dataset {spec!r} not found: {exc}") from exc
+    columns = list(dataset.column_names)
+    if train.text_field not in columns:
+        raise DataError(
+            f"train.text_field {train.text_field!r} is not a column of {spec!r} "
+            f"(columns: {', '.join(columns) or 'none'})"
+        )
+    dataset = dataset.select_columns([train.text_field])
+    if len(dataset) == 0:
+        raise DataError(f"train.dataset {spec!r} has no rows")
+    return dataset
+
+
+def build_lora_config(spec: LoraSpec, model: Any) -> Any:
+    """Map ``train.lora`` onto ``peft.LoraConfig`` with a target default that fits the model."""
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    from transformers.pytorch_utils import Conv1D
+
+    target = spec.target_modules
+    if (
+        target is None
+        and model.config.model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    ):
+        # PEFT knows the attention projections of common architectures; for the
+        # rest, adapting every linear layer is the documented safe choice.
+        target = "all-linear"
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+        # GPT-2 style Conv1D stores weights transposed; PEFT would fix this with a warning.
+        fan_in_fan_out=any(isinstance(module, Conv1D) for module in model.modules()),
+    )
+
+
+def build_trainer(job: JobFile, callbacks: Sequence[Any]) -> Any:
+    """Return a ready SFTTrainer for ``job``: config first, then data, then the model.
+
+    The cheap checks come first so a typo fails before a multi-GB model load.
+    """
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    mark("imports")
+    config, model_init_kwargs = build_sft_config(job)
+    dataset = load_train_dataset(job.train)
+    mark("dataset")
+    model, tokenizer = load_model_and_tokenizer(
+        job.train.model, model_init_kwargs, trust_remote_code=config.trust_remote_code
+    )
+    mark("model")
+    lora = build_lora_config(job.train.lora, model)
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=list(callbacks),
+        )
+    except (ValueError, TypeError) as exc:
+        # SFTTrainer validates the config against the model and data here
+        # (unknown target_modules, bad packing settings...): deterministic, so
+        # a restart cannot help.
+        raise ConfigError(f"the SFT trainer rejected the job: {exc}") from exc
+    mark("trainer")
+    return trainer
+
+
+def save_final(trainer: Any, layout: Layout, warden: WardenCallback) -> Path:
+    """Write ``final/`` (adapter + tokenizer + warden.json) so it appears complete or not at all.
+
+    Everything goes into a staging folder that is committed like a checkpoint and
+    then renamed to ``final``; a stale ``final/`` from an earlier run goes through
+    ``.warden/trash`` first, so nothing that looks finished is ever half-written.
+    """
+    from trainer_child.callback import commit_checkpoint
+
+    staging = layout.output_dir / ".final.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    started = time.monotonic()
+    trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return layout.final
+    args = trainer.args
+    commit_checkpoint(
+        staging,
+        step=trainer.state.global_step,
+        reason="final",
+        max_steps=trainer.state.max_steps or None,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        attempt=warden.attempt,
+        save_started=started,
+    )
+    if layout.final.exists():
+        layout.trash.mkdir(parents=True, exist_ok=True)
+        stale = layout.trash / f"final-{time.time_ns()}"
+        layout.final.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging.rename(layout.final)
+    fsync_dir(layout.output_dir)
+    return layout.final
