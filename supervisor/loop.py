@@ -252,7 +252,13 @@ class Supervisor:
         now = self.shell.clock()
         self._last_tick = now
         self.shell.notifier.watchdog()
-        if now - self._last_rescan >= RESCAN_SECONDS:
+        orphan_just_gone = (
+            self.state.mode is Mode.WAITING_ORPHAN and not self.lock.held and self.lock.acquire()
+        )
+        # A gone orphan is judged by what it left (its emergency checkpoint, or
+        # final/) from a fresh scan, not from a watcher notice that may still be
+        # on its way; the next tick reports the lock as ours.
+        if orphan_just_gone or now - self._last_rescan >= RESCAN_SECONDS:
             self._last_rescan = now
             return InventoryChanged(self.shell.store.inventory())
         child = self.state.child

@@ -7,6 +7,9 @@ after it died, or for a run that finished long ago.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import os
 import time
 from collections import Counter
@@ -21,8 +24,10 @@ from supervisor.core.advice import advised_save_steps
 from supervisor.shell.journal import read_events, read_state
 from supervisor.shell.store import FileCheckpointStore, describe_checkpoints, plan_prune
 from trainer_child.protocol import (
+    TRAINER_STATE,
     CommitRecord,
     Heartbeat,
+    JobFile,
     Layout,
     read_model,
 )
@@ -106,17 +111,24 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
 def _advice(output_dir: Path, events: list[Any], beat: Heartbeat | None, rows: list[Any]) -> Any:
     """Young/Daly save interval from measured save time, step time and failure rate."""
     saves = []
+    records = []
     for row in rows:
         if row.status != "valid":
             continue
         record = read_model(output_dir / f"checkpoint-{row.step}" / "warden.json", CommitRecord)
         if record is not None and record.save_seconds:
             saves.append(record.save_seconds)
+            records.append(record)
     failures = [e for e in events if e.event == "failure"]
     launches = [e for e in events if e.event == "launch"]
-    if not saves or not failures or not launches or beat is None or not beat.last_step_seconds:
+    # A child still loading after a restart (exactly when advice matters) has no
+    # step time in its heartbeat yet: take it from the commit records instead.
+    step_seconds = (beat.last_step_seconds if beat else None) or _step_seconds(records)
+    if not saves or not failures or not launches or beat is None or not step_seconds:
         return None
-    span = max(e.ts for e in events) - min(e.ts for e in launches)
+    # The heartbeat is the newest sign of failure-free time when no event followed it.
+    end = max(beat.wall_time, *(e.ts for e in events))
+    span = end - min(e.ts for e in launches)
     mtbf = span / len(failures)
     if mtbf <= 0:
         return None
@@ -124,9 +136,34 @@ def _advice(output_dir: Path, events: list[Any], beat: Heartbeat | None, rows: l
     return {
         "save_seconds": round(save, 3),
         "mtbf_seconds": round(mtbf, 1),
-        "step_seconds": round(beat.last_step_seconds, 4),
-        "advised_save_steps": advised_save_steps(save, mtbf, beat.last_step_seconds),
+        "step_seconds": round(step_seconds, 4),
+        "advised_save_steps": advised_save_steps(save, mtbf, step_seconds),
+        "configured_save_steps": _configured_save_steps(output_dir, rows),
     }
+
+
+def _step_seconds(records: list[CommitRecord]) -> float | None:
+    """Seconds per step between consecutive commits of one attempt, save time taken out."""
+    spans = []
+    ordered = sorted(records, key=lambda r: r.step)
+    for before, after in itertools.pairwise(ordered):
+        if after.attempt == before.attempt and after.step > before.step and after.wall_time:
+            work = after.wall_time - before.wall_time - (after.save_seconds or 0.0)
+            if work > 0:
+                spans.append(work / (after.step - before.step))
+    return sorted(spans)[len(spans) // 2] if spans else None
+
+
+def _configured_save_steps(output_dir: Path, rows: list[Any]) -> int | None:
+    """The save_steps in force: HF's trainer_state.json records it, else the job file."""
+    for row in sorted((r for r in rows if r.status == "valid"), key=lambda r: -r.step):
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads((output_dir / f"checkpoint-{row.step}" / TRAINER_STATE).read_text())
+            if isinstance(state, dict) and isinstance(state.get("save_steps"), int):
+                return int(state["save_steps"])
+    job = read_model(Layout(output_dir).job, JobFile)
+    value = job.train.sft.get("save_steps") if job is not None else None
+    return value if isinstance(value, int) else None
 
 
 def _size(n: int | None) -> str:
@@ -183,7 +220,8 @@ def render_status(report: dict[str, Any], console: Console) -> None:
     if advice:
         table.add_row(
             "save interval",
-            f"advise save_steps={advice['advised_save_steps']} (Young/Daly: save "
+            f"advise save_steps={advice['advised_save_steps']}"
+            f" (configured {advice.get('configured_save_steps') or '?'}; Young/Daly: save "
             f"{advice['save_seconds']}s, MTBF {advice['mtbf_seconds']}s, step "
             f"{advice['step_seconds']}s)",
         )

@@ -63,9 +63,11 @@ EXIT_CRASH = 1
 #: error.json keeps the end of the traceback (where the cause is) within this size.
 MAX_TRACEBACK_CHARS = 32_000
 
-# torch.save reports a full disk as RuntimeError("... file write failed") or
-# "unexpected pos ..." with no errno; safetensors and tokenizers (Rust) keep only
-# the io::Error text. Matched case-insensitively against every message in the chain.
+# torch.save reports a full disk as RuntimeError("... file write failed"),
+# "unexpected pos ..." or, when only its final flush finds no room,
+# "basic_ios::clear: iostream error" (measured on a full tmpfs), all with no
+# errno; safetensors and tokenizers (Rust) keep only the io::Error text. Matched
+# case-insensitively against every message in the chain.
 _DISK_FULL_TEXT = (
     "no space left on device",
     "disk quota exceeded",
@@ -74,6 +76,7 @@ _DISK_FULL_TEXT = (
     "os error 28",
     "file write failed",
     "unexpected pos",
+    "iostream error",
 )
 _CUDA_OOM_TEXT = ("cuda out of memory", "cuda error: out of memory")
 # torch's CPU allocator raises RuntimeError, not MemoryError, when malloc fails.

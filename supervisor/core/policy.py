@@ -274,7 +274,10 @@ def _on_exited(state: State, event: ChildExited, now: float) -> Decision:
     state = dataclasses.replace(state, stop_reason=None, stop_deadline=None, killed=False)
     state, housekeeping = _housekeeping(state, child_alive=False)
     actions: list[Action] = [*progress, *housekeeping]
-    step = state.heartbeat.step if state.heartbeat else event.evidence.error_step
+    # error.json's step is exact; the heartbeat is written at most once a second.
+    step = event.evidence.error_step
+    if step is None and state.heartbeat is not None:
+        step = state.heartbeat.step
     exit_fields: dict[str, object] = {
         "pid": event.pid,
         "returncode": event.returncode,
@@ -355,6 +358,13 @@ def _on_exited(state: State, event: ChildExited, now: float) -> Decision:
         state = dataclasses.replace(state, newest_valid=_newest_valid(state))
     if kind is FailureKind.DISK_FULL:
         state, freeing = _relieve_disk(state, reason="disk full")
+        if not any(isinstance(a, FreeSpace) for a in freeing) and any(
+            isinstance(a, Quarantine) for a in actions
+        ):
+            # The failed save's partial folder was quarantined just above, after
+            # the inventory was taken: it is the first thing to go, or the next
+            # attempt runs into the same ENOSPC beside it.
+            freeing.insert(0, FreeSpace("disk full"))
         actions += freeing
 
     budget_used = restarts_in_window(state.restart_times, now, state.config.window)
@@ -494,7 +504,10 @@ def _give_up(
 def _on_inventory(state: State, inventory: Inventory) -> Decision:
     state = dataclasses.replace(state, inventory=inventory)
     state, actions = _note_commits(state)
-    state, housekeeping = _housekeeping(state, child_alive=state.child is not None)
+    # An orphan is alive too: the folder it is writing (its emergency save,
+    # asked for by our SIGTERM) is in progress, not partial.
+    alive = state.child is not None or state.mode is Mode.WAITING_ORPHAN
+    state, housekeeping = _housekeeping(state, child_alive=alive)
     if actions and state.mode is Mode.RUNNING:
         state = dataclasses.replace(state, status=status_line(state))
         housekeeping.append(Status(state.status))
@@ -547,8 +560,10 @@ def _on_tick(state: State, tick: Tick, now: float) -> Decision:
             return _launch(state, now, counted=True)
         text = f"waiting for disk: need {_size(need)}, have {_size(tick.disk.free)}"
         if text != state.status:
+            # Persisted too: `trainwarden status` reads state.json, and a failed
+            # write (ENOSPC, likely here) is retried by the journal.
             state = dataclasses.replace(state, status=text)
-            return state, [Status(text)]
+            return state, [Status(text), Persist()]
         return state, []
     if state.mode is Mode.WAITING_ORPHAN:
         return _check_orphan(state, tick, now)
@@ -631,6 +646,17 @@ def _check_running(state: State, tick: Tick, now: float) -> Decision:
 def _check_orphan(state: State, tick: Tick, now: float) -> Decision:
     if tick.lock_acquired:
         state = dataclasses.replace(state, orphan_pid=None, stop_deadline=None)
+        if state.inventory.final_complete:
+            # The orphan finished the run before it exited: nothing is left to train.
+            text = "run complete: the orphan child wrote final/ before it exited"
+            state = dataclasses.replace(state, mode=Mode.COMPLETED, status=text, exit_code=EXIT_OK)
+            return state, [
+                Record("orphan_gone"),
+                Record("already_complete"),
+                Status(text),
+                Persist(),
+                Exit(EXIT_OK, text),
+            ]
         state, housekeeping = _housekeeping(state, child_alive=False)
         state, launch = _launch(state, now, counted=False)
         return state, [Record("orphan_gone"), *housekeeping, *launch]

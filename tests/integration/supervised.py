@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from tests.integration.childkit import REPO_ROOT, child_env
@@ -81,12 +82,21 @@ def write_config(
 class SupervisorProcess:
     """A ``python -m supervisor run`` process in its own session, with its output captured."""
 
-    def __init__(self, job: Job, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        job: Job,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> None:
+        """``wrap`` turns the supervisor's argv into the one to run (unshare, a cgroup shim)."""
         self.job = job
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
+        argv = [sys.executable, "-m", "supervisor", "run", str(job.path), "--log-format", "json"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "run", str(job.path), "--log-format", "json"],
+            wrap(argv) if wrap is not None else argv,
             env=dict(env),
             cwd=REPO_ROOT,
             stdout=self._log,
@@ -123,6 +133,10 @@ class SupervisorProcess:
     def close(self) -> None:
         """Kill the supervisor's group and any child it started (by PID), then reap."""
         pids = {self.pid}
+        # Descendants too: a child in another mount namespace (or one that has not
+        # written state.json yet) is found from the process tree, not from files.
+        with contextlib.suppress(psutil.Error):
+            pids.update(p.pid for p in psutil.Process(self.pid).children(recursive=True))
         state = read_model(self.job.layout.state, RunStateFile)
         if state is not None and state.child_pid:
             pids.add(state.child_pid)
@@ -139,10 +153,16 @@ class SupervisorProcess:
 
 @contextlib.contextmanager
 def supervisor_process(
-    job: Job, env: Mapping[str, str], log_path: Path | None = None
+    job: Job,
+    env: Mapping[str, str],
+    log_path: Path | None = None,
+    *,
+    wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> Iterator[SupervisorProcess]:
     """Run a supervisor for the duration of the block; it and its child die at the end."""
-    proc = SupervisorProcess(job, env, log_path or job.path.with_suffix(".supervisor.log"))
+    proc = SupervisorProcess(
+        job, env, log_path or job.path.with_suffix(".supervisor.log"), wrap=wrap
+    )
     try:
         yield proc
     finally:

@@ -1,0 +1,217 @@
+"""Benchmarks 3 and 4: supervision overhead (steps/s, bare vs supervised) and footprint.
+
+The same built-in job runs as ``python -m trainer_child --job JOB`` (A) and under
+``trainwarden run`` (B), interleaved A B A B ...; both write heartbeats and
+commit records (the child always does), so the difference is the supervisor
+alone: its watcher, its verifying every commit, its ticks. Throughput is the
+child's steady state, from its own ``first_step`` and ``train_end`` marks
+(steps 2..N over that span, periodic saves included), so start-up does not
+dilute it; end-to-end wall time is reported beside it.
+
+Footprint: during each B run the driver samples the supervisor's RSS (psutil,
+every 0.5 s) and its CPU time (``cpu_times`` user+system, self only) while the
+child is in ``train``/``save``; CPU share = CPU seconds / wall seconds summed
+over the B runs. Supervisor start-up (imports) and exit are outside the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    MB,
+    Proc,
+    Sizes,
+    Workspace,
+    bare_argv,
+    fmt_seconds,
+    median,
+    ratio,
+    sft,
+    supervisor_argv,
+    train_config,
+    write_config,
+    write_job,
+)
+from bench.report import Section
+from bench.runs import RunRecord, run_job
+from trainer_child.protocol import COMMIT_RECORD, CommitRecord, read_model
+
+TARGET_OVERHEAD = 0.02
+#: Fewer pairs than this give a figure but no verdict.
+MIN_PAIRS = 3
+TARGET_RSS_MB = 60.0
+TARGET_CPU = 0.01
+
+
+@dataclass
+class Calibration:
+    """What later benchmarks size themselves by, measured on the bare runs here."""
+
+    #: Process start to the end of the first optimizer step, bare child (median).
+    cold_start: float
+    #: Seconds per optimizer step in steady state (periodic saves included).
+    step: float
+    #: The child's save_seconds (HF save + hashing + fsync), median.
+    save: float
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def steady_rate(record: RunRecord, steps: int) -> float:
+    """Optimizer steps per second between the first step's end and the loop's end."""
+    beat = record.last_beat()
+    if beat is None or "first_step" not in beat.marks or "train_end" not in beat.marks:
+        return float("nan")
+    return (steps - 1) / (beat.marks["train_end"] - beat.marks["first_step"])
+
+
+def cold_start(record: RunRecord) -> float:
+    beat = record.first_beat()
+    if beat is None or "first_step" not in beat.marks:
+        return float("nan")
+    return beat.marks["first_step"] - record.started
+
+
+def save_seconds(output_dir: Path) -> list[float]:
+    values = []
+    for folder in sorted(output_dir.glob("checkpoint-*")):
+        record = read_model(folder / COMMIT_RECORD, CommitRecord)
+        if record is not None and record.save_seconds is not None:
+            values.append(record.save_seconds)
+    return values
+
+
+def run(ws: Workspace, sizes: Sizes) -> tuple[Section, Section, Calibration, list[RunRecord]]:
+    """Run the A/B pairs; return the overhead and footprint sections, calibration, and runs."""
+    overhead = Section("overhead", "3 supervision overhead")
+    steps = sizes.overhead_steps
+    fields = sft(max_steps=steps, save_steps=steps // 5, logging_steps=steps // 5)
+    records: list[RunRecord] = []
+    for index in range(sizes.overhead_pairs):
+        folder = ws.fresh(f"overhead-bare-{index}")
+        job = write_job(folder / "job.json", folder / "out", fields)
+        proc = Proc(bare_argv(job), ws.env, folder / "child.log")
+        records.append(
+            run_job(proc, folder / "out", label=f"bare-{index}", system="bare", cap=1800)
+        )
+        folder = ws.fresh(f"overhead-supervised-{index}")
+        config = write_config(folder / "job.yaml", train_config(folder / "out", fields))
+        proc = Proc(supervisor_argv(config), ws.env, folder / "supervisor.log")
+        records.append(
+            run_job(
+                proc,
+                folder / "out",
+                label=f"supervised-{index}",
+                system="trainwarden",
+                cap=1800,
+                footprint=True,
+            )
+        )
+    bare = [r for r in records if r.system == "bare"]
+    supervised = [r for r in records if r.system == "trainwarden"]
+    failed = [r.label for r in records if not r.finished]
+    if failed:
+        overhead.error = f"runs did not finish: {', '.join(failed)}"
+    bare_rates = [steady_rate(r, steps) for r in bare]
+    sup_rates = [steady_rate(r, steps) for r in supervised]
+    pair_ratios = [ratio(s, b) for s, b in zip(sup_rates, bare_rates, strict=True)]
+    rate_ratio = ratio(median(sup_rates), median(bare_rates))
+    cost = 1.0 - rate_ratio
+    overhead.add(f"bare child, steps/s (n={len(bare)})", f"{median(bare_rates):.2f}")
+    overhead.add(f"supervised, steps/s (n={len(supervised)})", f"{median(sup_rates):.2f}")
+    # One pair cannot tell a 2% effect from a burst of someone else's load.
+    judged = len(pair_ratios) >= MIN_PAIRS
+    overhead.check(
+        "steps/s supervised / bare (median of each)",
+        f"{rate_ratio:.4f} ({cost * 100:+.2f}% cost)",
+        "cost < 2%" + ("" if judged else f" (judged from {MIN_PAIRS} pairs: full mode)"),
+        cost < TARGET_OVERHEAD if judged else None,
+    )
+    overhead.add(
+        "same, median of the A/B pairs' ratios",
+        f"{median(pair_ratios):.4f} (each: {', '.join(f'{r:.3f}' for r in pair_ratios)})",
+    )
+    best = ratio(max(sup_rates), max(bare_rates))
+    overhead.add(
+        "same, best run of each (least disturbed by other load)",
+        f"{best:.4f} ({(1 - best) * 100:+.2f}% cost)",
+    )
+    bare_wall = median(r.wall for r in bare)
+    sup_wall = median(r.wall for r in supervised)
+    overhead.add(
+        "end-to-end wall, supervised / bare",
+        f"{fmt_seconds(sup_wall)} / {fmt_seconds(bare_wall)} = {ratio(sup_wall, bare_wall):.3f}",
+    )
+    overhead.notes.append(
+        f"job: built-in tiny SFT+LoRA, {steps} steps, save every {steps // 5} (commit records on), "
+        f"1 thread; runs interleaved A B A B ({sizes.overhead_pairs} pairs). steps/s is the "
+        "child's steady state (first_step..train_end marks); wall includes start-up "
+        "(supervisor import, child imports)."
+    )
+    overhead.data.update(
+        steps=steps,
+        bare_steps_per_s=bare_rates,
+        supervised_steps_per_s=sup_rates,
+        pair_ratios=pair_ratios,
+        ratio=rate_ratio,
+        bare_wall_s=[r.wall for r in bare],
+        supervised_wall_s=[r.wall for r in supervised],
+    )
+
+    footprint = Section("footprint", "4 supervisor footprint")
+    usages = [r.footprint for r in supervised if r.footprint is not None]
+    peak = max((u.peak_rss for u in usages), default=0.0) / MB
+    training_rss = median(s for u in usages for s in u.rss_samples) / MB
+    cpu = sum(u.cpu_seconds for u in usages)
+    wall = sum(u.wall_seconds for u in usages)
+    share = ratio(cpu, wall)
+    footprint.add("RSS while the child trains, median", f"{training_rss:.1f} MB")
+    footprint.check(
+        "RSS peak (whole life)", f"{peak:.1f} MB", f"< {TARGET_RSS_MB:.0f} MB", peak < TARGET_RSS_MB
+    )
+    footprint.check(
+        f"CPU while the child trains ({wall:.0f} s sampled)",
+        f"{share * 100:.2f}% of a core",
+        "< 1%",
+        share < TARGET_CPU if wall > 0 else None,
+    )
+    if wall < sizes.footprint_seconds:
+        footprint.notes.append(
+            f"only {wall:.0f} s of training sampled (asked {sizes.footprint_seconds:.0f} s)"
+        )
+    footprint.notes.append(
+        "sampled over the supervised runs of the overhead benchmark while the child was in "
+        "train/save (the supervisor verifies each commit in that window); RSS is the "
+        "supervisor process alone, not its child."
+    )
+    footprint.data.update(
+        peak_rss_mb=peak,
+        training_rss_mb=training_rss,
+        cpu_seconds=cpu,
+        sampled_seconds=wall,
+        cpu_share=share,
+    )
+
+    colds = [cold_start(r) for r in bare]
+    saves = [s for r in records for s in save_seconds(r.output_dir)]
+    calibration = Calibration(
+        cold_start=median(colds),
+        step=1.0 / median(bare_rates),
+        save=median(saves),
+        checkpoints=sorted(bare[0].output_dir.glob("checkpoint-*")) if bare else [],
+    )
+    overhead.data["calibration"] = _calibration_data(calibration)
+    return overhead, footprint, calibration, records
+
+
+def _calibration_data(calibration: Calibration) -> dict[str, Any]:
+    return {
+        "cold_start_s": calibration.cold_start,
+        "step_s": calibration.step,
+        "save_s": calibration.save,
+    }
+
+
+__all__ = ["Calibration", "cold_start", "run", "save_seconds", "steady_rate"]
