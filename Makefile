@@ -24,8 +24,11 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# Two workers (one a core); whole files stay on one worker so module fixtures are
+# shared. Tests that really OOM-kill in a memory cgroup run alone afterwards.
 pytest: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 test: lint typecheck pytest
 

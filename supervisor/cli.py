@@ -148,6 +148,8 @@ def demo(
 
 def main() -> None:
     """Console-script entry point."""
+    # Library log lines go to stderr at INFO, never stdout (status --json is parsed).
+    tw_logging.configure()
     app()
 
 

@@ -231,7 +231,9 @@ def render_status(report: dict[str, Any], console: Console) -> None:
 def render_checkpoints(output_dir: Path, *, deep: bool, console: Console) -> None:
     """Print every checkpoint folder with its verdict and size."""
     table = Table(title=f"checkpoints in {output_dir}")
-    for column in ("checkpoint", "status", "size", "problems"):
+    # Names are never truncated ("…" would hide which folder is meant).
+    table.add_column("checkpoint", overflow="fold")
+    for column in ("status", "size", "problems"):
         table.add_column(column)
     colours = {"valid": "green", "in_progress": "cyan", "partial": "yellow", "corrupt": "red"}
     for row in describe_checkpoints(output_dir, deep=deep):

@@ -163,6 +163,7 @@ def _records(output_dir: Path) -> dict[str, CommitRecord]:
 
 
 @pytest.mark.system
+@pytest.mark.serial
 def test_kernel_oom_kill_is_host_oom_and_halves_the_micro_batch(
     tmp_path: Path,
     env: dict[str, str],

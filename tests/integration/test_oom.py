@@ -218,6 +218,7 @@ def start_in_cgroup(
 
 
 @pytest.mark.system
+@pytest.mark.serial
 def test_real_oom_kill_is_counted_and_plain_sigkill_is_not(
     v1_cgroups: list[Path], tmp_path: Path
 ) -> None:
