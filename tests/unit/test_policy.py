@@ -26,6 +26,7 @@ from supervisor.core.model import (
     InventoryChanged,
     Launch,
     Mode,
+    Persist,
     PolicyConfig,
     PreviousRun,
     Quarantine,
@@ -732,3 +733,37 @@ def test_terminal_state_ignores_further_events() -> None:
     run = Run()
     run.start(inv(final=True))
     assert run.tick(1) == []
+
+
+def test_disk_full_frees_the_partial_it_just_quarantined() -> None:
+    """A failed save's partial folder is quarantined and then freed, or ENOSPC repeats."""
+    run = Run()
+    run.start()
+    entries = inv(ckpt(4), ckpt(8, Integrity.INCOMPLETE))
+    run.feed(InventoryChanged(inv(ckpt(4))))
+    actions = run.exit(1, inventory=entries, error_kind="disk_full", disk=Disk(10_000, 20_000))
+    kinds = [type(a) for a in actions if isinstance(a, Quarantine | FreeSpace)]
+    assert kinds.index(Quarantine) < kinds.index(FreeSpace)
+
+
+def test_waiting_for_disk_status_is_persisted() -> None:
+    """A changed waiting-for-disk line is written to state.json, which status reads."""
+    run = Run()
+    run.start()
+    entries = inv(ckpt(6, size=1000))
+    run.feed(InventoryChanged(entries))
+    run.exit(1, inventory=entries, error_kind="disk_full", disk=Disk(free=10, total=2000))
+    run.after_backoff(disk=Disk(free=10, total=2000))
+    actions = run.tick(1, disk=Disk(free=20, total=2000))
+    assert any(isinstance(a, Persist) for a in actions)
+    assert "have 20 B" in run.state.status
+
+
+def test_failure_step_comes_from_error_report_when_there_is_one() -> None:
+    """The journal's failure step is error.json's exact step, not the sampled heartbeat."""
+    run = Run()
+    run.start()
+    run.tick(1, heartbeat=beat(5, 0.1))
+    actions = run.exit(1, error_type="RuntimeError", error_message="x", error_step=7)
+    failure = next(a for a in actions if isinstance(a, Record) and a.event == "failure")
+    assert failure.fields["step"] == 7
