@@ -231,12 +231,15 @@ def render_status(report: dict[str, Any], console: Console) -> None:
 def render_checkpoints(output_dir: Path, *, deep: bool, console: Console) -> None:
     """Print every checkpoint folder with its verdict and size."""
     table = Table(title=f"checkpoints in {output_dir}")
-    # Names are never truncated ("…" would hide which folder is meant).
-    table.add_column("checkpoint", overflow="fold")
+    rows = describe_checkpoints(output_dir, deep=deep)
+    # Names are never truncated or wrapped ("…" would hide which folder is
+    # meant); the problems column wraps instead.
+    widest = max((len(row.name) for row in rows), default=10)
+    table.add_column("checkpoint", no_wrap=True, min_width=widest)
     for column in ("status", "size", "problems"):
         table.add_column(column)
     colours = {"valid": "green", "in_progress": "cyan", "partial": "yellow", "corrupt": "red"}
-    for row in describe_checkpoints(output_dir, deep=deep):
+    for row in rows:
         colour = colours.get(row.status, "magenta")
         table.add_row(
             row.name,
