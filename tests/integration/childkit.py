@@ -75,9 +75,23 @@ def write_job(path: Path, output_dir: Path, **sft: Any) -> Path:
 class Child:
     """One training process, its log file, and a guaranteed kill when the test ends."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+    #: What the process is called in failure messages.
+    what = "child"
+    #: How long ``wait`` waits by default.
+    default_timeout = 120.0
+    #: How much of the log's tail ``log`` returns.
+    log_tail = 6000
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        append: bool = False,
+    ) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
+        self._log = open(log_path, "ab" if append else "wb")  # noqa: SIM115 - closed in close()
         # Its own session, so close() can also reach what it forked (the ENOSPC
         # test's shell runs the child as a grandchild).
         self.proc = subprocess.Popen(
@@ -93,13 +107,14 @@ class Child:
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait(self, timeout: float = 120.0) -> int:
+    def wait(self, timeout: float | None = None) -> int:
         """Return the exit status (negative for a signal), failing loudly on timeout."""
+        timeout = self.default_timeout if timeout is None else timeout
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(
-                f"child {self.pid} still running after {timeout}s\n{self.log()}"
+                f"{self.what} {self.pid} still running after {timeout}s\n{self.log()}"
             ) from None
 
     def signal(self, signum: signal.Signals) -> None:
@@ -108,7 +123,7 @@ class Child:
 
     def log(self) -> str:
         self._log.flush()
-        return self.log_path.read_text(errors="replace")[-6000:]
+        return self.log_path.read_text(errors="replace")[-self.log_tail :]
 
     def close(self) -> None:
         """Kill the process (and its process group, by the PID it leads) and reap it."""

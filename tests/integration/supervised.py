@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import yaml
 
-from tests.integration.childkit import REPO_ROOT, child_env
+from tests.integration.childkit import Child, child_env
 from trainer_child.protocol import Heartbeat, Layout, RunStateFile, read_model
 
 #: The standard supervised job: 16 optimizer steps, a checkpoint every 4.
@@ -79,8 +79,12 @@ def write_config(
     return Job(path=path, output_dir=out)
 
 
-class SupervisorProcess:
+class SupervisorProcess(Child):
     """A ``python -m supervisor run`` process in its own session, with its output captured."""
+
+    what = "supervisor"
+    default_timeout = 240.0
+    log_tail = 8000
 
     def __init__(
         self,
@@ -92,38 +96,8 @@ class SupervisorProcess:
     ) -> None:
         """``wrap`` turns the supervisor's argv into the one to run (unshare, a cgroup shim)."""
         self.job = job
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         argv = [sys.executable, "-m", "supervisor", "run", str(job.path), "--log-format", "json"]
-        self.proc = subprocess.Popen(
-            wrap(argv) if wrap is not None else argv,
-            env=dict(env),
-            cwd=REPO_ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait(self, timeout: float = 240.0) -> int:
-        """Return the supervisor's exit status; fail with its log on timeout."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"supervisor {self.pid} still running after {timeout}s\n{self.log()}"
-            ) from None
-
-    def signal(self, signum: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signum)
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-8000:]
+        super().__init__(wrap(argv) if wrap is not None else argv, env, log_path, append=True)
 
     def child_pid(self) -> int | None:
         """The live training child's pid, from its heartbeat (None before it writes one)."""

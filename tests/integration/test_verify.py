@@ -407,3 +407,24 @@ def test_cache_does_not_keep_verdict_of_folder_changing_during_verify(tmp_path: 
     (folder / "late-file.json").unlink()
     cache.checkpoint(folder, require_record=True)
     assert cache.misses == 2
+
+
+def test_deflated_zip_member_is_crc_checked(tmp_path: Path) -> None:
+    """A deflated member (torch.save writes none, other tools do) is CRC-checked too."""
+    import random
+    import zipfile
+
+    folder = make_checkpoint(tmp_path, 2, record=False)
+    optimizer = folder / "optimizer.pt"
+    optimizer.unlink()
+    payload = random.Random(0).randbytes(8192)  # incompressible: stored inside deflate
+    with zipfile.ZipFile(optimizer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("optimizer/data/0", payload)
+    assert verify_checkpoint(folder, require_record=False).integrity is Integrity.COMPLETE
+
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optimizer.write_bytes(bytes(data))
+    entry = verify_checkpoint(folder, require_record=False)
+    assert entry.integrity is Integrity.CORRUPT
+    assert any("damaged" in problem for problem in entry.problems), entry.problems
