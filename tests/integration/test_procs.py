@@ -34,6 +34,12 @@ class Orphan:
         lock.release()  # the supervisor "dies"; the child's copy keeps the lock
         self.pid = self.proc.pid
         self.create_time = psutil.Process(self.pid).create_time()
+        # Until exec, /proc/PID shows pytest's own environ and cmdline; under load
+        # find_orphan could look in that window and rightly reject the process.
+        deadline = time.monotonic() + 10
+        while psutil.Process(self.pid).cmdline() != list(SLEEP):
+            assert time.monotonic() < deadline, "orphan never exec'd"
+            time.sleep(0.005)
 
     def kill(self) -> None:
         """SIGKILL and reap the child (idempotent)."""
