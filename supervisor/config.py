@@ -7,6 +7,8 @@ sizes accept bytes or ``20GiB``/``500MB``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -131,6 +133,9 @@ class Config(_Section):
     output_dir: Path
     train: TrainSpec | None = None
     command: list[str] | None = Field(default=None, min_length=1)
+    #: ``command:`` jobs: add WardenCallback to every transformers Trainer the
+    #: command builds, without editing the script (see trainer_child/inject.py).
+    inject_callback: bool = True
     env: dict[str, str] = Field(default_factory=dict)
     batch: BatchConfig = BatchConfig()
     restart: RestartConfig = RestartConfig()
@@ -177,6 +182,12 @@ class Config(_Section):
             return int(value) if isinstance(value, int) else 1
         return self.batch.gradient_accumulation_steps
 
+    def job_digest(self) -> str:
+        """Return a short digest of what the child runs: its command (or train:) and env."""
+        job = {"command": self.command, "train": self.train, "env": self.env}
+        blob = json.dumps(job, sort_keys=True, default=_jsonable).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
     def policy(self) -> PolicyConfig:
         """The subset the pure policy reads, in seconds and bytes."""
         return PolicyConfig(
@@ -199,7 +210,15 @@ class Config(_Section):
             micro_batch=self.micro_batch or 0,
             grad_accum=self.grad_accum,
             require_record=self.train is not None,
+            success_needs_final=self.train is not None,
+            step_guard=self.train is not None or self.inject_callback,
         )
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"cannot digest {type(value).__name__}")
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

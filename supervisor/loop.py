@@ -13,6 +13,7 @@ import contextlib
 import os
 import queue
 import random
+import re
 import signal as signal_mod
 import sys
 import time
@@ -24,6 +25,7 @@ import structlog
 
 from supervisor.config import Config
 from supervisor.core import policy
+from supervisor.core.command import render_command
 from supervisor.core.model import (
     Action,
     ChildExited,
@@ -68,9 +70,11 @@ from supervisor.shell.watcher import CheckpointWatcher
 from trainer_child.protocol import (
     ENV_ATTEMPT,
     ENV_GRAD_ACCUM,
+    ENV_INJECT,
     ENV_MICRO_BATCH,
     ENV_OUTPUT_DIR,
     ENV_RESUME_FROM,
+    SITE_DIR,
     ErrorReport,
     FailureRecord,
     JobFile,
@@ -130,7 +134,7 @@ def default_shell(config: Config) -> Shell:
     """The real shell for a config: processes, files, statvfs, sd_notify."""
     layout = Layout(config.output_dir)
     return Shell(
-        launcher=ProcessLauncher(),
+        launcher=ProcessLauncher(linger=config.preemption.grace),
         store=FileCheckpointStore(config.output_dir, require_record=config.train is not None),
         journal=FileJournal(layout),
         disk=StatvfsDisk(config.output_dir),
@@ -228,6 +232,9 @@ class Supervisor:
             consecutive_failures=previous.consecutive_failures,
             poisoned_steps=previous.poisoned_steps,
             gave_up=previous.gave_up,
+            # Only this very command: a changed command (more steps, another
+            # dataset) is a new job to run, resuming from its checkpoints.
+            completed=previous.completed and previous.completed_job == self.config.job_digest(),
         )
 
     # --- events ------------------------------------------------------------------
@@ -315,12 +322,15 @@ class Supervisor:
             and not cgroup_oom
             and self.oom_watch.kernel_log_oom()
         )
+        line = _report_line(report) if report else last_error_line(tail)
         return Evidence(
             error_kind=report.kind.value if report else None,
             error_type=report.type if report else None,
             error_message=report.message[:500] if report else None,
             error_errno=report.errno if report else None,
             error_step=report.step if report else None,
+            error_line=line,
+            log_usage_error=bool(line and _USAGE_ERROR_RE.match(line)),
             log_cuda_oom=any(m in tail for m in _CUDA_OOM_MARKERS),
             log_enospc=any(m in tail for m in _ENOSPC_MARKERS),
             cgroup_oom_kill=cgroup_oom,
@@ -421,7 +431,7 @@ class Supervisor:
 
     def _argv(self, action: Launch, resume_path: str) -> list[str]:
         if self.config.command is not None:
-            return [part.replace("{resume_from}", resume_path) for part in self.config.command]
+            return render_command(self.config.command, resume_path)
         assert self.config.train is not None
         job = JobFile(
             output_dir=str(self.config.output_dir),
@@ -440,6 +450,8 @@ class Supervisor:
         env[ENV_OUTPUT_DIR] = str(self.config.output_dir)
         env[ENV_ATTEMPT] = str(action.attempt)
         env["PYTHONUNBUFFERED"] = "1"
+        if self.config.command is not None and self.config.inject_callback:
+            env.update(injection_env(env))
         # systemd's notify socket belongs to the supervisor (NotifyAccess=main).
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             env.pop(name, None)
@@ -459,6 +471,7 @@ class Supervisor:
             attempts=state.attempt,
             restarts=len(state.failures),
             completed=state.mode is Mode.COMPLETED,
+            completed_job=self.config.job_digest() if state.mode is Mode.COMPLETED else None,
             gave_up=state.gave_up,
             status=state.status,
             mode=state.mode.value,
@@ -482,11 +495,57 @@ class Supervisor:
         )
 
 
+def injection_env(env: dict[str, str]) -> dict[str, str]:
+    """Return the variables that make every Python process of the job load our hook.
+
+    Only the hook's own folder goes on PYTHONPATH, ahead of the user's entries:
+    adding this interpreter's site-packages would break a job that runs another
+    Python (a conda env), which gets a one-line warning from the hook instead.
+    """
+    site = str(SITE_DIR)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != site]
+    return {"PYTHONPATH": os.pathsep.join([site, *paths]), ENV_INJECT: "1"}
+
+
 def _kind(value: str) -> FailureKind:
     try:
         return FailureKind(value)
     except ValueError:
         return FailureKind.CRASH
+
+
+#: argparse's last words: "sft.py: error: argument --max_steps: invalid int value: 'x'".
+_USAGE_ERROR_RE = re.compile(r"^[\w.\-]+: error: ")
+_EXCEPTION_LINE_RE = re.compile(r"^[A-Za-z_][\w.]*(?:: |$)")
+#: Longest error line kept: enough for a path and a reason, short enough for a status line.
+MAX_ERROR_LINE = 300
+
+
+def last_error_line(tail: bytes) -> str | None:
+    """Return the line that names the child's fatal error in its log tail, if there is one.
+
+    Python ends an uncaught exception with its traceback, whose first unindented
+    line after the frames is ``Type: message``; argparse ends with ``prog: error:
+    ...``. A process killed by a signal prints neither, and gets None: nothing
+    to recognise it by.
+    """
+    lines = tail.decode(errors="replace").splitlines()
+    start = max((i for i, text in enumerate(lines) if text.startswith("Traceback (")), default=None)
+    if start is not None:
+        for text in lines[start + 1 :]:
+            if text and not text[0].isspace() and _EXCEPTION_LINE_RE.match(text):
+                return text.strip()[:MAX_ERROR_LINE]
+    for text in reversed(lines[-5:]):
+        if _USAGE_ERROR_RE.match(text):
+            return text.strip()[:MAX_ERROR_LINE]
+    return None
+
+
+def _report_line(report: ErrorReport) -> str:
+    """One line for an error.json: ``OSError: the first line of its message``."""
+    first = report.message.strip().splitlines()[0] if report.message.strip() else ""
+    name = report.type.rsplit(".", 1)[-1]
+    return f"{name}: {first}"[:MAX_ERROR_LINE] if first else name
 
 
 def _read_tail(path: Path, size: int) -> bytes:

@@ -79,7 +79,6 @@ class _Attempt:
         self.attempt = attempt
         self.heartbeat = HeartbeatWriter(layout.output_dir, attempt=attempt)
         self.warden: WardenCallback | None = None
-        self.in_train_call = False
 
     def loading_resume(self) -> bool:
         """Return whether a failure now would implicate the checkpoint being resumed.
@@ -88,8 +87,8 @@ class _Attempt:
         ``train()`` before the first ``on_step_begin``; a failure after the loop
         started is the run's, not the checkpoint's.
         """
-        loop_started = self.warden is not None and self.warden.loop_started
-        return self.resume_from is not None and self.in_train_call and not loop_started
+        warden = self.warden
+        return self.resume_from is not None and warden is not None and warden.loading_resume()
 
     def fail(self, exc: BaseException) -> int:
         kind = classify(exc, loading_resume=self.loading_resume())
@@ -111,19 +110,15 @@ def _train(job: JobFile, attempt: _Attempt) -> int:
     if attempt.resume_from is not None and not Path(attempt.resume_from).is_dir():
         raise ResumeError(f"checkpoint to resume from {attempt.resume_from!r} is not a folder")
     # The heavy imports (torch, transformers, trl, peft, datasets) start here.
-    from trainer_child.callback import TrainingAlreadyComplete, WardenCallback
+    from trainer_child.callback import WardenCallback
     from trainer_child.job import build_trainer, save_final
 
     warden = attempt.warden = WardenCallback(final_save_follows=True)
     trainer = build_trainer(job, [warden])
     log.info("training_start resume_from=%s attempt=%s", attempt.resume_from, attempt.attempt)
-    attempt.in_train_call = True
-    try:
-        trainer.train(resume_from_checkpoint=attempt.resume_from)
-    except TrainingAlreadyComplete as done:
-        # The resumed checkpoint is the last step; its weights, loaded, are final.
-        log.info("training_already_complete %s", done)
-    attempt.in_train_call = False
+    # A resume at max_steps returns at once (the callback's train guard): the
+    # loaded checkpoint's weights are final.
+    trainer.train(resume_from_checkpoint=attempt.resume_from)
     step = trainer.state.global_step
     final = save_final(trainer, attempt.layout, warden)
     max_steps = trainer.state.max_steps or None

@@ -12,6 +12,10 @@ what the built-in job has:
   since a loading process has nothing to save;
 * SIGUSR1 -> every thread's Python stack on stderr (faulthandler), so the
   supervisor can show where a hung child is stuck;
+* no optimizer step past ``max_steps``: HF resumes a checkpoint taken at
+  ``max_steps`` mid-epoch and trains one more step before it checks the limit;
+  the callback stops that step before it begins and ``install_train_guard``
+  turns it into a normal return of ``Trainer.train``;
 * the test-only failpoints of ``failpoints.py``.
 
 Hazard, multi-process: SIGTERM reaches each rank at its own moment, so ranks may
@@ -22,6 +26,7 @@ the save's collectives. Single-process training (the built-in job) is exact.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import importlib.metadata
 import logging
 import os
@@ -35,10 +40,12 @@ from typing import Any, Literal
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from trainer_child.errors import ConfigError
 from trainer_child.failpoints import Failpoints
 from trainer_child.heartbeat import HeartbeatWriter, attempt_from_env, mark
 from trainer_child.protocol import (
     COMMIT_RECORD,
+    ENV_OUTPUT_DIR,
     EXIT_PREEMPTED,
     CommitRecord,
     FileEntry,
@@ -51,9 +58,11 @@ from trainer_child.protocol import (
 __all__ = [
     "TrainingAlreadyComplete",
     "WardenCallback",
+    "active_callback",
     "commit_checkpoint",
     "install_preemption_handler",
     "install_stack_dumper",
+    "install_train_guard",
     "library_versions",
     "preemption_requested",
 ]
@@ -65,7 +74,7 @@ VERSIONED_LIBRARIES = ("torch", "transformers", "trl", "peft")
 
 
 class TrainingAlreadyComplete(Exception):
-    """Raised instead of a step past ``max_steps``; the caller saves the final model.
+    """Raised instead of a step past ``max_steps``; ``Trainer.train`` then returns normally.
 
     HF resumes a checkpoint taken at ``max_steps`` in mid-epoch by skipping the
     batches already seen and then running one more optimizer step before it
@@ -73,6 +82,70 @@ class TrainingAlreadyComplete(Exception):
     commits checkpoint-17), so a final save that failed after the last
     checkpoint would otherwise end one step past the uninterrupted run.
     """
+
+
+_GUARDED = "_trainwarden_train_guard"
+
+
+def install_train_guard(trainer_cls: Any = None) -> None:
+    """Make ``Trainer.train`` return normally when the callback refuses a step past the end.
+
+    The loaded checkpoint already holds the final weights, so the script goes on
+    to whatever it does after training (``save_model``, an evaluation) exactly
+    as after an uninterrupted run. Idempotent; patches the class once.
+    """
+    if trainer_cls is None:
+        from transformers import Trainer as trainer_cls
+    original = trainer_cls.train
+    if getattr(original, _GUARDED, False):
+        return
+
+    @functools.wraps(original)
+    def train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        wardens = [cb for cb in self.callback_handler.callbacks if isinstance(cb, WardenCallback)]
+        for warden in wardens:
+            warden.in_train_call = True
+        try:
+            return original(self, *args, **kwargs)
+        except TrainingAlreadyComplete as done:
+            log.info("training_already_complete %s", done)
+            return _finish_without_training(self)
+        finally:
+            for warden in wardens:
+                warden.in_train_call = False
+
+    setattr(train, _GUARDED, True)
+    trainer_cls.train = train
+
+
+def _finish_without_training(trainer: Any) -> Any:
+    """End a ``train()`` call that took no step as HF ends any other (on_train_end, metrics)."""
+    import time as time_mod
+
+    try:
+        # Private, but it is exactly the end of a training run: metrics, best
+        # model at end, on_train_end. Its signature has been stable through 5.x.
+        return trainer._finalize_training(None, 0, time_mod.time())
+    except (AttributeError, TypeError):
+        log.warning("finalize_training_unavailable; ending train() by hand")
+    from transformers.trainer_utils import TrainOutput
+
+    trainer.control = trainer.callback_handler.on_train_end(
+        trainer.args, trainer.state, trainer.control
+    )
+    trainer.is_in_train = False
+    return TrainOutput(trainer.state.global_step, 0.0, {})
+
+
+class _Active:
+    """The WardenCallback of this process, for the uncaught-exception report."""
+
+    callback: WardenCallback | None = None
+
+
+def active_callback() -> WardenCallback | None:
+    """Return the most recently created WardenCallback of this process, if any."""
+    return _Active.callback
 
 
 def _output_dir(args: TrainingArguments) -> str:
@@ -204,6 +277,23 @@ def commit_checkpoint(
     return record
 
 
+def _check_output_dir(args: TrainingArguments) -> None:
+    """Fail at once when the script saves checkpoints where the supervisor does not look.
+
+    Otherwise every checkpoint would be invisible: never validated, never
+    resumed from, and each restart would start from scratch.
+    """
+    watched = os.environ.get(ENV_OUTPUT_DIR)
+    if not watched:
+        return
+    saving = Path(_output_dir(args)).resolve()
+    if saving != Path(watched).resolve():
+        raise ConfigError(
+            f"the script saves checkpoints to {saving} but trainwarden watches {watched}: "
+            "make the job file's output_dir and the script's --output_dir the same folder"
+        )
+
+
 class WardenCallback(TrainerCallback):
     """Make any HF Trainer run supervisable by trainwarden (see the module docstring).
 
@@ -211,12 +301,21 @@ class WardenCallback(TrainerCallback):
     ``TRAINWARDEN_ATTEMPT``, so a bring-your-own script needs no arguments.
     ``handle_sigterm=False`` leaves SIGTERM to the script; ``final_save_follows``
     says the caller saves a final model after ``train()`` returns, so the end of
-    training is announced as phase ``save`` rather than ``done``, and a resume
-    at ``max_steps`` raises ``TrainingAlreadyComplete`` for the caller to catch.
+    training is announced as phase ``save`` rather than ``done``.
     """
 
-    def __init__(self, *, handle_sigterm: bool = True, final_save_follows: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        handle_sigterm: bool = True,
+        final_save_follows: bool = False,
+        injected: bool = False,
+    ) -> None:
         self.attempt = attempt_from_env()
+        #: Added by ``inject_callback`` rather than by the script itself.
+        self.injected = injected
+        #: Inside ``Trainer.train`` (set by ``install_train_guard``'s wrapper).
+        self.in_train_call = False
         # Parse now: a malformed spec is a config error before any work is done.
         self.failpoints = Failpoints.from_env()
         self.heartbeat: HeartbeatWriter | None = None
@@ -230,6 +329,17 @@ class WardenCallback(TrainerCallback):
         self._handle_sigterm = handle_sigterm
         self._final_save_follows = final_save_follows
         install_stack_dumper()
+        install_train_guard()
+        _Active.callback = self
+
+    def loading_resume(self) -> bool:
+        """Return whether ``train()`` runs but its loop has not: the resume is loading.
+
+        HF loads the adapter, optimizer, scheduler and RNG state inside
+        ``train()`` before the first ``on_step_begin``; a failure after the loop
+        started is the run's, not the checkpoint's.
+        """
+        return self.in_train_call and not self.loop_started
 
     # --- heartbeat ----------------------------------------------------------------
 
@@ -271,6 +381,7 @@ class WardenCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.failpoints.bind(_output_dir(args))
+        _check_output_dir(args)
         self._beat(args, state, Phase.LOAD)
 
     def on_train_begin(
@@ -289,7 +400,7 @@ class WardenCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.loop_started = True
-        if self._final_save_follows and state.max_steps and state.global_step >= state.max_steps:
+        if state.max_steps and state.global_step >= state.max_steps:
             raise TrainingAlreadyComplete(
                 f"resumed at step {state.global_step} of {state.max_steps}"
             )

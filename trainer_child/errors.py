@@ -14,7 +14,9 @@ Exceptions the child raises on purpose::
 
 Everything else (torch, HF, the OS) is classified by evidence in the exception
 chain: type, errno, then message text, because torch often flattens an OSError
-into a RuntimeError that only keeps the words.
+into a RuntimeError that only keeps the words. The Hugging Face libraries' own
+"no such model / dataset" errors count as config and data errors: an unmodified
+script (``inject_callback``) raises those instead of ours.
 
 This module imports only the standard library and ``protocol`` so that even a
 failure during ``import torch`` is reported.
@@ -81,6 +83,12 @@ _DISK_FULL_TEXT = (
 _CUDA_OOM_TEXT = ("cuda out of memory", "cuda error: out of memory")
 # torch's CPU allocator raises RuntimeError, not MemoryError, when malloc fails.
 _HOST_OOM_TEXT = ("defaultcpuallocator: can't allocate memory", "cannot allocate memory")
+# huggingface_hub / datasets exceptions (by class name: neither may be importable)
+# that mean the id or path in the command is wrong, not that the network is.
+_HF_CONFIG_ERRORS = frozenset(
+    {"HFValidationError", "RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError"}
+)
+_HF_DATA_ERRORS = frozenset({"DatasetNotFoundError", "DataFilesNotFoundError"})
 
 
 class ChildError(Exception):
@@ -175,6 +183,12 @@ def classify(exc: BaseException, *, loading_resume: bool = False) -> ErrorKind:
             return ErrorKind.DATA
         if isinstance(link, ResumeError):
             return ErrorKind.RESUME
+    for link in chain:
+        names = {cls.__name__ for cls in type(link).__mro__}
+        if names & _HF_CONFIG_ERRORS:
+            return ErrorKind.CONFIG
+        if names & _HF_DATA_ERRORS:
+            return ErrorKind.DATA
     if loading_resume:
         return ErrorKind.RESUME
     return ErrorKind.CRASH

@@ -33,6 +33,7 @@ __all__ = [
     "ENV_ATTEMPT",
     "ENV_FAILPOINTS",
     "ENV_GRAD_ACCUM",
+    "ENV_INJECT",
     "ENV_MICRO_BATCH",
     "ENV_OUTPUT_DIR",
     "ENV_RESUME_FROM",
@@ -40,6 +41,7 @@ __all__ = [
     "EXIT_GAVE_UP",
     "EXIT_OK",
     "EXIT_PREEMPTED",
+    "SITE_DIR",
     "TRAINER_STATE",
     "CommitRecord",
     "ErrorKind",
@@ -73,6 +75,11 @@ ENV_OUTPUT_DIR = "TRAINWARDEN_OUTPUT_DIR"
 ENV_ATTEMPT = "TRAINWARDEN_ATTEMPT"
 #: Test facility only: faults that cannot be produced for real (see failpoints.py).
 ENV_FAILPOINTS = "TRAINWARDEN_FAILPOINTS"
+#: "1" makes ``trainer_child/_site/sitecustomize.py`` add WardenCallback to every
+#: transformers Trainer of a ``command:`` job (config ``inject_callback``).
+ENV_INJECT = "TRAINWARDEN_INJECT"
+#: The folder the supervisor puts first on a ``command:`` child's PYTHONPATH.
+SITE_DIR = Path(__file__).resolve().parent / "_site"
 #: Micro-batch and accumulation in force after an OOM remediation. The built-in job
 #: reads them from the job file; a bring-your-own script may read these.
 ENV_MICRO_BATCH = "TRAINWARDEN_PER_DEVICE_TRAIN_BATCH_SIZE"
@@ -300,6 +307,9 @@ class RunStateFile(_Model):
     attempts: int = 0
     restarts: int = 0
     completed: bool = False
+    #: ``Config.job_digest()`` of the job that completed: a ``command:`` job is
+    #: complete only for the command that exited 0.
+    completed_job: str | None = None
     gave_up: str | None = None
     status: str = ""
     overrides: Overrides = Overrides()

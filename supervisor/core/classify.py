@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from supervisor.core.model import Evidence, FailureKind
 from trainer_child.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, ErrorKind
 
+#: argparse's exit status for a bad command line.
+EXIT_USAGE = 2
+
 
 class Outcome(enum.Enum):
     """How an attempt ended, before any remediation is chosen."""
@@ -60,19 +63,26 @@ def classify_exit(
     stop_reason: FailureKind | None,
     final_complete: bool,
     disk_below_need: bool,
+    exit_zero_completes: bool = False,
 ) -> Verdict:
     """Classify one child exit (DESIGN.md, "Failure kinds and what happens")."""
     how = describe_exit(returncode, signal)
     error = ""
     if evidence.error_type:
         error = f"; {evidence.error_type}: {evidence.error_message or ''}".rstrip(": ")
+    elif evidence.error_line:
+        error = f"; {evidence.error_line}"
 
+    if final_complete:
+        # final/ carries its own commit record: the run is done, however the
+        # process ended afterwards (a slow exit stopped as a hang, a kill).
+        return Verdict(Outcome.SUCCESS, None, how)
     if stop_reason is FailureKind.HANG:
         return Verdict(Outcome.FAILED, FailureKind.HANG, f"heartbeat went stale; {how}")
     if stop_reason is FailureKind.PREEMPTED:
         return Verdict(Outcome.PREEMPTED, FailureKind.PREEMPTED, f"stopped on request; {how}")
     if returncode == EXIT_OK and signal is None:
-        if final_complete:
+        if exit_zero_completes:
             return Verdict(Outcome.SUCCESS, None, how)
         return Verdict(
             Outcome.FAILED, FailureKind.CRASH, "exit 0 but final/ has no valid commit record"
@@ -83,6 +93,9 @@ def classify_exit(
         return Verdict(Outcome.PREEMPTED, FailureKind.PREEMPTED, f"{how} (emergency checkpoint)")
     if returncode == EXIT_CONFIG:
         return Verdict(Outcome.FAILED, FailureKind.CONFIG, f"{how}{error}")
+    if returncode == EXIT_USAGE and evidence.log_usage_error:
+        # argparse rejected the command line: the same on every attempt.
+        return Verdict(Outcome.FAILED, FailureKind.CONFIG, f"{how}; {evidence.error_line}")
 
     hinted = _HINTS.get(evidence.error_kind or "")
     if hinted is not None:

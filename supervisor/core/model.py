@@ -103,6 +103,8 @@ class CheckpointEntry:
     has_record: bool = False
     #: Step of trainer_state's ``best_model_checkpoint``, when it names one.
     best_step: int | None = None
+    #: The run's ``max_steps`` as the record or trainer_state.json gives it.
+    max_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,11 @@ class Evidence:
     error_message: str | None = None
     error_errno: int | None = None
     error_step: int | None = None
+    #: The error's own last line ("OSError: Repo id must be ..."), from error.json
+    #: or the attempt log's last traceback; None when the child left none.
+    error_line: str | None = None
+    #: The log ends in argparse's "prog: error: ..." (a bad flag or value).
+    log_usage_error: bool = False
     log_cuda_oom: bool = False
     log_enospc: bool = False
     cgroup_oom_kill: bool = False
@@ -182,6 +189,8 @@ class PreviousRun:
     consecutive_failures: int
     poisoned_steps: tuple[int, ...]
     gave_up: str | None
+    #: A ``command:`` job that exited 0 with this very command (state.json).
+    completed: bool = False
 
 
 @dataclass(frozen=True)
@@ -381,6 +390,12 @@ class PolicyConfig:
     grad_accum: int = 1
     #: True for the built-in job, whose checkpoints must carry warden.json.
     require_record: bool = True
+    #: The built-in job is done when final/ holds a valid adapter; a ``command:``
+    #: job, which knows nothing of final/, when it exits 0.
+    success_needs_final: bool = True
+    #: A resume from a checkpoint at max_steps takes no step (the built-in job, or
+    #: WardenCallback injected); otherwise HF would train one step past the end.
+    step_guard: bool = True
 
 
 @dataclass(frozen=True)
@@ -421,6 +436,9 @@ class State:
     consecutive_failures: int = 0
     #: Newest valid step when the current failure streak began (progress marker).
     streak_base: int | None = None
+    #: (error line, resume step) of the last failure, if it came before training
+    #: started: the same one twice in a row is deterministic, not bad luck.
+    startup_failure: tuple[str, int | None] | None = None
     fallback_tried: bool = False
     #: Steps that must not be resumed from again (failed to load, or superseded).
     poisoned: frozenset[int] = frozenset()

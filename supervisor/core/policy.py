@@ -119,8 +119,13 @@ def _on_started(state: State, event: Started, now: float) -> Decision:
     if state.consecutive_failures:
         state = dataclasses.replace(state, streak_base=state.newest_valid)
 
-    if event.inventory.final_complete:
-        text = "run already complete: final/ holds a valid adapter; nothing to do"
+    done_before = previous is not None and previous.completed
+    if event.inventory.final_complete or (done_before and not state.config.success_needs_final):
+        text = (
+            "run already complete: final/ holds a valid adapter; nothing to do"
+            if event.inventory.final_complete
+            else "run already complete: the command exited 0; nothing to do"
+        )
         state = dataclasses.replace(state, mode=Mode.COMPLETED, status=text, exit_code=EXIT_OK)
         return state, [*actions, Record("already_complete"), Status(text), Persist(), Exit(0, text)]
 
@@ -172,6 +177,9 @@ def _launch(state: State, now: float, *, counted: bool, attempt: int | None = No
             ]
 
     resume = _newest_valid(state)
+    problem = _resume_past_end(state, resume)
+    if problem:
+        return _give_up(state, problem, code=EXIT_GAVE_UP, kind=FailureKind.NO_PROGRESS)
     number = attempt if attempt is not None else state.attempt + 1
     restart_times = state.restart_times
     if counted:
@@ -215,6 +223,21 @@ def _launch(state: State, now: float, *, counted: bool, attempt: int | None = No
         Status(text),
         Launch(number, resume, state.overrides),
     ]
+
+
+def _resume_past_end(state: State, resume: int | None) -> str | None:
+    """Say why resuming from ``resume`` would train past max_steps (None when it would not)."""
+    entry = state.inventory.get(resume) if resume is not None else None
+    if entry is None or not entry.max_steps or entry.step < entry.max_steps:
+        return None
+    if state.config.step_guard or entry.has_record:
+        return None  # WardenCallback ends train() at once: nothing runs past the end
+    return (
+        f"training reached max_steps {entry.max_steps} (checkpoint-{entry.step}), but the "
+        "command did not exit 0 afterwards; a resume from there would train one step past "
+        f"max_steps, so it is not restarted. The trained weights are in checkpoint-{entry.step}; "
+        "set inject_callback: true (or add WardenCallback) to let trainwarden finish the job"
+    )
 
 
 def _on_spawned(state: State, event: ChildSpawned, now: float) -> Decision:
@@ -270,6 +293,7 @@ def _on_exited(state: State, event: ChildExited, now: float) -> Decision:
         stop_reason=state.stop_reason,
         final_complete=event.inventory.final_complete,
         disk_below_need=bool(disk_need) and event.disk.free < disk_need,
+        exit_zero_completes=not state.config.success_needs_final,
     )
     state = dataclasses.replace(state, stop_reason=None, stop_deadline=None, killed=False)
     state, housekeeping = _housekeeping(state, child_alive=False)
@@ -287,7 +311,13 @@ def _on_exited(state: State, event: ChildExited, now: float) -> Decision:
     }
 
     if verdict.outcome is Outcome.SUCCESS:
-        text = f"complete: {state.heartbeat.step if state.heartbeat else '?'} steps, final/ written"
+        beat = state.heartbeat
+        steps = beat.step if beat is not None and beat.step else state.newest_valid
+        text = (
+            f"complete: {steps if steps is not None else '?'} steps, final/ written"
+            if state.config.success_needs_final
+            else f"complete: the command exited 0 at step {steps if steps is not None else '?'}"
+        )
         state = dataclasses.replace(state, mode=Mode.COMPLETED, status=text, exit_code=EXIT_OK)
         return state, [
             *actions,
@@ -345,6 +375,9 @@ def _on_exited(state: State, event: ChildExited, now: float) -> Decision:
             kind=kind,
             prior=actions,
         )
+    state, problem = _repeated_startup_failure(state, child, event)
+    if problem:
+        return _give_up(state, problem, code=EXIT_GAVE_UP, kind=kind, prior=actions)
     if kind in (FailureKind.CUDA_OOM, FailureKind.HOST_OOM):
         state, remedy, problem = _halve_micro_batch(state, kind)
         actions += remedy
@@ -403,6 +436,31 @@ def _on_exited(state: State, event: ChildExited, now: float) -> Decision:
         Status(text),
         Persist(),
     ]
+
+
+def _repeated_startup_failure(
+    state: State, child: Child, event: ChildExited
+) -> tuple[State, str | None]:
+    """Give up when two attempts in a row fail the same way before training began.
+
+    A wrong model path, a missing dataset or a script bug at import time fails
+    identically every time; restarting it until the budget is spent only hides
+    the one line the user needs. "Before training began": no heartbeat past
+    ``load`` (a script without the callback never has one, so for it this
+    means the same error twice from the same checkpoint).
+    """
+    beat = state.heartbeat
+    line = event.evidence.error_line
+    before_training = beat is None or beat.phase is Phase.LOAD
+    if not line or not before_training:
+        return dataclasses.replace(state, startup_failure=None), None
+    signature = (line, child.resume_from)
+    if state.startup_failure != signature:
+        return dataclasses.replace(state, startup_failure=signature), None
+    where = f"checkpoint-{child.resume_from}" if child.resume_from is not None else "a fresh start"
+    return state, (
+        f"the command failed twice in a row before training began, from {where}, with: {line}"
+    )
 
 
 def _halve_micro_batch(state: State, kind: FailureKind) -> tuple[State, list[Action], str | None]:
@@ -529,7 +587,11 @@ def _note_commits(state: State) -> Decision:
     state = dataclasses.replace(state, newest_valid=newest)
     if state.consecutive_failures and (state.streak_base is None or newest > state.streak_base):
         state = dataclasses.replace(
-            state, consecutive_failures=0, streak_base=None, fallback_tried=False
+            state,
+            consecutive_failures=0,
+            streak_base=None,
+            fallback_tried=False,
+            startup_failure=None,
         )
     return state, [*actions, Persist()]
 

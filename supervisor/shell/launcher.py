@@ -17,6 +17,11 @@ Hazards handled here:
   an already-dead process as success (habit 6, like torch elastic's ``_close``).
 - In some containers PID 1 never reaps, so a dead grandchild can stay a zombie
   forever; liveness checks here therefore ignore zombies.
+- A launcher (``accelerate launch``, ``torchrun``) may die before the ranks it
+  started: on SIGTERM ``accelerate launch`` exits at once while its worker is
+  still writing the emergency checkpoint. So a child's exit is reported once
+  its whole process group is gone, not when the leader is: the group is given
+  ``linger`` seconds after the leader's exit, then SIGKILLed.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ ExitCallback = Callable[[int, int], None]
 #: a GPU driver call) dies only when the kernel lets it.
 _AFTER_KILL_TIMEOUT = 10.0
 _POLL = 0.01
+#: Polling a group through /proc costs a directory scan: not every 10 ms.
+_GROUP_POLL = 0.05
 _COPY_CHUNK = 1 << 20
 #: The smallest cap that leaves room for a marker and a useful tail.
 _MIN_LOG_CAP = 4096
@@ -249,8 +256,10 @@ class _Child:
 class ProcessLauncher:
     """Run children with ``subprocess.Popen``; one waiter thread per child reports its exit."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, linger: float = 120.0) -> None:
         self._clock = clock
+        #: Seconds the rest of a group may outlive its leader before SIGKILL.
+        self._linger = linger
         self._lock = threading.Lock()
         self._children: dict[int, _Child] = {}
         self._threads: list[threading.Thread] = []
@@ -305,6 +314,7 @@ class ProcessLauncher:
     def _wait(self, proc: subprocess.Popen[bytes], on_exit: ExitCallback) -> None:
         # The only place that reaps this child: nobody else calls wait() or poll().
         returncode = proc.wait()
+        self._await_group(proc.pid)
         try:
             on_exit(proc.pid, returncode)
         except Exception:
@@ -316,6 +326,26 @@ class ProcessLauncher:
                 child = self._children.pop(proc.pid, None)
             if child is not None:
                 child.reported.set()
+
+    def _await_group(self, pgid: int) -> None:
+        """Wait for the leader's group to empty: ``linger`` seconds, then SIGKILL it."""
+        deadline = self._clock() + self._linger
+        while live_group_members(pgid):
+            if self._clock() >= deadline:
+                log.warning("group_outlived_leader", pgid=pgid, linger=self._linger)
+                self.signal_group(pgid, signal.SIGKILL)
+                deadline = self._clock() + _AFTER_KILL_TIMEOUT
+                if not self._wait_members_gone(pgid, deadline):
+                    log.error("group_survived_sigkill", pid=pgid, members=live_group_members(pgid))
+                return
+            time.sleep(_GROUP_POLL)
+
+    def _wait_members_gone(self, pgid: int, deadline: float) -> bool:
+        while live_group_members(pgid):
+            if self._clock() >= deadline:
+                return False
+            time.sleep(_GROUP_POLL)
+        return True
 
     def signal_group(self, pid: int, sig: int) -> None:
         """Send ``sig`` to the group led by ``pid``; a group already gone is not an error."""

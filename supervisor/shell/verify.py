@@ -424,6 +424,7 @@ class _Findings:
 class _TrainerState:
     global_step: int | None
     best_step: int | None
+    max_steps: int | None = None
 
 
 def _read_trainer_state(folder: Path, listing: FolderListing) -> _TrainerState | str | None:
@@ -443,7 +444,12 @@ def _read_trainer_state(folder: Path, listing: FolderListing) -> _TrainerState |
     step = state.get("global_step")
     best = state.get("best_model_checkpoint")
     best_step = checkpoint_step(PurePosixPath(best).name) if isinstance(best, str) else None
-    return _TrainerState(step if isinstance(step, int) else None, best_step)
+    max_steps = state.get("max_steps")
+    return _TrainerState(
+        step if isinstance(step, int) else None,
+        best_step,
+        max_steps if isinstance(max_steps, int) and max_steps > 0 else None,
+    )
 
 
 def _read_record(folder: Path, listing: FolderListing) -> CommitRecord | str | None:
@@ -582,6 +588,9 @@ def verify_checkpoint(path: Path, *, require_record: bool, deep: bool = True) ->
 
     state = _read_trainer_state(path, listing)
     best_step = state.best_step if isinstance(state, _TrainerState) else None
+    max_steps = state.max_steps if isinstance(state, _TrainerState) else None
+    if record is not None and record.max_steps:
+        max_steps = record.max_steps
 
     def verdict(integrity: Integrity) -> CheckpointEntry:
         return CheckpointEntry(
@@ -591,6 +600,7 @@ def verify_checkpoint(path: Path, *, require_record: bool, deep: bool = True) ->
             problems=findings.all(),
             has_record=has_record,
             best_step=best_step,
+            max_steps=max_steps,
         )
 
     if not has_record and require_record:

@@ -210,17 +210,20 @@ train:
 """
 
 
-def _home_of_interpreter() -> Path | None:
-    """Return the interpreter tree if it lives under a home directory.
+def _trees_under_home() -> list[Path]:
+    """Return the folders the service must see that ProtectHome= would hide.
 
     ProtectHome= hides /root and /home. On this machine the venv's python is a
-    symlink into /root/.pyenv, so the drop-in must show that one tree again.
+    symlink into /root/.pyenv, and a user's first clone (with its .venv and the
+    source the editable install points at) usually lives in their home: the
+    drop-in shows exactly those trees again, read-only, as a user with a venv
+    in their home would (docs/service.md).
     """
-    real = Path(sys.base_prefix).resolve()
-    for home in (Path("/root"), Path("/home")):
-        if real.is_relative_to(home):
-            return real
-    return None
+    trees: list[Path] = []
+    for candidate in (Path(sys.base_prefix).resolve(), REPO.resolve()):
+        if any(candidate.is_relative_to(home) for home in (Path("/root"), Path("/home"))):
+            trees.append(candidate)
+    return [t for t in trees if not any(t != o and t.is_relative_to(o) for o in trees)]
 
 
 def _trainwarden_cli_reason() -> str | None:
@@ -248,10 +251,10 @@ def shipped(systemd: NamespacedSystemd) -> NamespacedSystemd:
         pytest.fail(reason)
     systemd.install("trainwarden@.service", SHIPPED_UNIT.read_text())
     bind = ""
-    interpreter = _home_of_interpreter()
-    if interpreter is not None:
-        # Not a relaxation: /root stays an empty tmpfs except this read-only tree.
-        bind = f"ProtectHome=tmpfs\nBindReadOnlyPaths={interpreter}\n"
+    trees = _trees_under_home()
+    if trees:
+        # Not a relaxation: /root stays an empty tmpfs except these read-only trees.
+        bind = f"ProtectHome=tmpfs\nBindReadOnlyPaths={' '.join(map(str, trees))}\n"
     systemd.drop_in(
         "trainwarden@.service",
         "10-test",
