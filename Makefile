@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check supervisor trainer_child tests bench
-	$(BIN)/ruff format --check supervisor trainer_child tests bench
+	$(BIN)/ruff check supervisor trainer_child tests bench examples
+	$(BIN)/ruff format --check supervisor trainer_child tests bench examples
 
 typecheck: venv
 	$(BIN)/mypy

@@ -313,16 +313,20 @@ class Supervisor:
         if report is not None and report.pid != pid and report.attempt != attempt:
             report = None  # left by an earlier attempt
         tail = _read_tail(self.layout.attempt_log(attempt), LOG_EVIDENCE_BYTES)
+        killed_by = sig if sig is not None else launcher_reported_signal(tail)
         cgroup_oom = False
-        if self.oom_watch is not None and sig == signal_mod.SIGKILL:
+        if self.oom_watch is not None and killed_by == signal_mod.SIGKILL:
             cgroup_oom = self.oom_watch.oom_killed_since()
         kernel_oom = (
             self.oom_watch is not None
-            and sig == signal_mod.SIGKILL
+            and killed_by == signal_mod.SIGKILL
             and not cgroup_oom
             and self.oom_watch.kernel_log_oom()
         )
+        worker_signal = launcher_reported_signal(tail)
         line = _report_line(report) if report else last_error_line(tail)
+        if worker_signal is not None and report is None:
+            line = None  # "died with SIGKILL" names no error, however often it recurs
         return Evidence(
             error_kind=report.kind.value if report else None,
             error_type=report.type if report else None,
@@ -331,6 +335,7 @@ class Supervisor:
             error_step=report.step if report else None,
             error_line=line,
             log_usage_error=bool(line and _USAGE_ERROR_RE.match(line)),
+            worker_signal=worker_signal,
             log_cuda_oom=any(m in tail for m in _CUDA_OOM_MARKERS),
             log_enospc=any(m in tail for m in _ENOSPC_MARKERS),
             cgroup_oom_kill=cgroup_oom,
@@ -539,6 +544,25 @@ def last_error_line(tail: bytes) -> str | None:
         if _USAGE_ERROR_RE.match(text):
             return text.strip()[:MAX_ERROR_LINE]
     return None
+
+
+#: How launchers report the signal that killed the process they started:
+#: ``accelerate launch`` (subprocess.CalledProcessError) and torchrun's agent.
+_LAUNCHER_SIGNAL_RES = (
+    re.compile(rb"died with <Signals\.SIG\w+: (\d+)>"),
+    re.compile(rb"Signal (\d+) \(SIG\w+\) received by PID"),
+    re.compile(rb"exitcode\s*:\s*-(\d+)"),
+)
+
+
+def launcher_reported_signal(tail: bytes) -> int | None:
+    """Return the signal a launcher says killed its worker, from the log's last words."""
+    found: tuple[int, int] | None = None
+    for pattern in _LAUNCHER_SIGNAL_RES:
+        for match in pattern.finditer(tail):
+            if found is None or match.start() > found[0]:
+                found = (match.start(), int(match.group(1)))
+    return found[1] if found is not None else None
 
 
 def _report_line(report: ErrorReport) -> str:

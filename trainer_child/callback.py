@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from trainer_child.errors import ConfigError
+from trainer_child.errors import ConfigError, write_report
 from trainer_child.failpoints import Failpoints
 from trainer_child.heartbeat import HeartbeatWriter, attempt_from_env, mark
 from trainer_child.protocol import (
@@ -48,7 +48,10 @@ from trainer_child.protocol import (
     ENV_OUTPUT_DIR,
     EXIT_PREEMPTED,
     CommitRecord,
+    ErrorKind,
+    ErrorReport,
     FileEntry,
+    Layout,
     Phase,
     atomic_write_model,
     file_digest,
@@ -277,6 +280,21 @@ def commit_checkpoint(
     return record
 
 
+def _report_preempted(args: TrainingArguments, step: int, attempt: int | None) -> None:
+    """Leave error.json kind ``preempted``: exit 75 may not survive a launcher."""
+    report = ErrorReport(
+        type="SystemExit",
+        message=f"stopped by SIGTERM after the emergency checkpoint checkpoint-{step}",
+        kind=ErrorKind.PREEMPTED,
+        step=step,
+        phase=Phase.SAVE,
+        pid=os.getpid(),
+        attempt=attempt,
+        wall_time=time.time(),
+    )
+    write_report(Layout(_output_dir(args)), report)
+
+
 def _check_output_dir(args: TrainingArguments) -> None:
     """Fail at once when the script saves checkpoints where the supervisor does not look.
 
@@ -481,6 +499,7 @@ class WardenCallback(TrainerCallback):
             # the last step the run is done: finishing (final/, exit 0) is quicker
             # than a restart that would only write final/.
             log.warning("preempted step=%d checkpoint=%s", state.global_step, folder)
+            _report_preempted(args, state.global_step, self.attempt)
             raise SystemExit(EXIT_PREEMPTED)
         self._beat(args, state, Phase.TRAIN)
 

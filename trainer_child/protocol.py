@@ -162,7 +162,13 @@ class Phase(str, enum.Enum):
 
 
 class ErrorKind(str, enum.Enum):
-    """The child's hint about why it failed (error.json ``kind``)."""
+    """The child's hint about why it failed (error.json ``kind``).
+
+    ``preempted`` is no failure: the child saved its emergency checkpoint after
+    SIGTERM and exits 75. It is written down because a launcher between the
+    supervisor and the training process (``accelerate launch``, ``torchrun``)
+    does not pass exit status 75 on.
+    """
 
     CUDA_OOM = "cuda_oom"
     HOST_OOM = "host_oom"
@@ -171,6 +177,7 @@ class ErrorKind(str, enum.Enum):
     DATA = "data"
     RESUME = "resume"
     CRASH = "crash"
+    PREEMPTED = "preempted"
 
 
 # --- file models -------------------------------------------------------------------

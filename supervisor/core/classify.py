@@ -87,9 +87,10 @@ def classify_exit(
         return Verdict(
             Outcome.FAILED, FailureKind.CRASH, "exit 0 but final/ has no valid commit record"
         )
-    if returncode == EXIT_PREEMPTED:
+    if returncode == EXIT_PREEMPTED or evidence.error_kind == ErrorKind.PREEMPTED.value:
         # SIGTERM from someone else (a VM shutting down, an operator): the child
-        # saved an emergency checkpoint; resuming is not a failure.
+        # saved an emergency checkpoint; resuming is not a failure. A launcher
+        # in between loses the 75; error.json says it instead.
         return Verdict(Outcome.PREEMPTED, FailureKind.PREEMPTED, f"{how} (emergency checkpoint)")
     if returncode == EXIT_CONFIG:
         return Verdict(Outcome.FAILED, FailureKind.CONFIG, f"{how}{error}")
@@ -100,7 +101,8 @@ def classify_exit(
     hinted = _HINTS.get(evidence.error_kind or "")
     if hinted is not None:
         return Verdict(Outcome.FAILED, hinted, f"{how}{error}")
-    if signal == signal_mod.SIGKILL and (evidence.cgroup_oom_kill or evidence.kernel_oom_kill):
+    killed_by = signal if signal is not None else evidence.worker_signal
+    if killed_by == signal_mod.SIGKILL and (evidence.cgroup_oom_kill or evidence.kernel_oom_kill):
         source = "cgroup oom_kill counter rose" if evidence.cgroup_oom_kill else "kernel log"
         return Verdict(Outcome.FAILED, FailureKind.HOST_OOM, f"{how}; {source}")
     if evidence.log_cuda_oom:

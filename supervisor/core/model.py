@@ -156,6 +156,10 @@ class Evidence:
     error_line: str | None = None
     #: The log ends in argparse's "prog: error: ..." (a bad flag or value).
     log_usage_error: bool = False
+    #: The signal that killed the training process behind a launcher, as the
+    #: launcher reported it ("died with <Signals.SIGKILL: 9>"): the launcher
+    #: itself exits 1, which says nothing.
+    worker_signal: int | None = None
     log_cuda_oom: bool = False
     log_enospc: bool = False
     cgroup_oom_kill: bool = False

@@ -751,8 +751,14 @@ def hang_limit(state: State, phase: Phase) -> float:
     # save, eval and the final save: a big checkpoint to a slow disk or a long
     # evaluation legitimately outlasts a training step by far.
     if config.save_timeout is not None:
-        return config.save_timeout
-    return max(AUTO_SAVE_FACTOR * train, 10.0 * (state.slowest_save or 0.0))
+        save = config.save_timeout
+    else:
+        save = max(AUTO_SAVE_FACTOR * train, 10.0 * (state.slowest_save or 0.0))
+    if phase is Phase.DONE:
+        # After train() a script may do anything without a heartbeat: save a
+        # merged model, evaluate, push to the hub; allow it as long as a start.
+        return max(save, config.startup_timeout)
+    return save
 
 
 # --- signals -----------------------------------------------------------------------

@@ -452,8 +452,8 @@ def test_trainwarden_stop_checkpoints_resumes_and_survives_the_watchdog(
     """`systemctl stop` writes an emergency checkpoint; a restart resumes; the watchdog works.
 
     1. stop mid-run (what a preemptible VM's shutdown does): SIGTERM reaches the
-       supervisor only (KillMode=mixed), the child writes checkpoint-N with
-       reason "emergency", the unit ends inactive with status 0 well within
+       supervisor only (KillMode=mixed), the child commits checkpoint-N of the
+       step it stopped at, the unit ends inactive with status 0 well within
        TimeoutStopSec=, and is not restarted;
     2. start again (the next boot): the run resumes from that checkpoint;
     3. SIGSTOP the supervisor: WATCHDOG=1 stops, systemd kills and restarts it.
@@ -473,9 +473,14 @@ def test_trainwarden_stop_checkpoints_resumes_and_survives_the_watchdog(
             "NRestarts": "0",
         }
         assert stop_seconds < 180, "stop ran into TimeoutStopSec="
-        emergency = {s: r for s, r in job.checkpoints().items() if r["reason"] == "emergency"}
-        assert emergency, f"no emergency checkpoint in {job.checkpoints()}"
-        emergency_step = max(emergency)
+        # The child stopped at a step end and saved that step: as an emergency
+        # checkpoint, or (SIGTERM during a periodic save) as that save.
+        report = json.loads((job.output / ".warden" / "error.json").read_text())
+        assert report["kind"] == "preempted", report
+        emergency_step = report["step"]
+        committed = job.checkpoints()
+        assert emergency_step == max(committed), committed
+        assert committed[emergency_step]["reason"] in ("emergency", "periodic")
 
         # 2. The next boot: the job resumes from the emergency checkpoint.
         shipped.systemctl("start", job.unit)

@@ -164,7 +164,7 @@ def test_valid_final_is_success_even_when_the_exit_was_stopped_as_a_hang() -> No
     """A child that wrote final/ and then hung on its way out finished the run."""
     run = Run()
     run.start()
-    run.tick(advance=31, heartbeat=HeartbeatView(16, 16, Phase.DONE, age=31))
+    run.tick(advance=61, heartbeat=HeartbeatView(16, 16, Phase.DONE, age=61))
     assert mode(run) is Mode.STOPPING
     actions = run.exit(None, sig=15, inventory=inv(ckpt(16), final=True))
     assert mode(run) is Mode.COMPLETED
