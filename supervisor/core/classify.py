@@ -61,7 +61,7 @@ def classify_exit(
     final_complete: bool,
     disk_below_need: bool,
 ) -> Verdict:
-    """Classify one child exit (DESIGN.md, "Failure kinds and what happens")."""
+    """Classify one child exit (docs/architecture.md, "Failure kinds")."""
     how = describe_exit(returncode, signal)
     error = ""
     if evidence.error_type:

@@ -1,6 +1,6 @@
 """How a checkpoint is judged: every rule that makes ``checkpoint-N`` COMPLETE lives here.
 
-DESIGN.md "Which checkpoint is valid" is the spec. A folder is COMPLETE when:
+docs/architecture.md, "Which checkpoint is valid", is the spec. A folder is COMPLETE when:
 
 1. it is a real directory (a symlink is listed, never followed, never complete)
    named ``checkpoint-N``;
@@ -55,7 +55,15 @@ import xxhash
 from pydantic import ValidationError
 
 from supervisor.core.model import CheckpointEntry, Integrity
-from trainer_child.protocol import COMMIT_RECORD, TRAINER_STATE, CommitRecord, checkpoint_step
+from trainer_child.protocol import (
+    COMMIT_RECORD,
+    TRAINER_STATE,
+    CommitRecord,
+    EntryKind,
+    checkpoint_step,
+    entry_kind,
+    is_real_dir,
+)
 
 __all__ = [
     "FileStat",
@@ -552,24 +560,28 @@ def verify_checkpoint(path: Path, *, require_record: bool, deep: bool = True) ->
     under output_dir.
     """
     step = checkpoint_step(path.name)
-    if step is None or path.name != f"checkpoint-{step}":
+    if step is None:
         raise ValueError(f"{path} is not named checkpoint-N")
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
+    kind = entry_kind(path)
+    if kind is EntryKind.MISSING:
         return CheckpointEntry(step, Integrity.INCOMPLETE, problems=("folder does not exist",))
-    if stat.S_ISLNK(info.st_mode):
+    if kind is EntryKind.SYMLINK:
         return CheckpointEntry(
             step,
             Integrity.INCOMPLETE,
             symlink=True,
             problems=("is a symlink: never followed, never resumed from, never deleted",),
         )
-    if not stat.S_ISDIR(info.st_mode):
+    if kind is not EntryKind.DIRECTORY:
+        size = os.lstat(path).st_size if kind is EntryKind.FILE else 0
         return CheckpointEntry(
-            step, Integrity.INCOMPLETE, size_bytes=info.st_size, problems=("not a directory",)
+            step, Integrity.INCOMPLETE, size_bytes=size, problems=("not a directory",)
         )
+    return _judge_folder(path, step, require_record=require_record, deep=deep)
 
+
+def _judge_folder(path: Path, step: int, *, require_record: bool, deep: bool) -> CheckpointEntry:
+    """Judge a real ``checkpoint-N`` directory: record, trainer state, then every file."""
     listing = list_folder(path)
     findings = _Findings()
     record = _read_record(path, listing)
@@ -621,13 +633,12 @@ def verify_checkpoint(path: Path, *, require_record: bool, deep: bool = True) ->
 
 def final_problems(path: Path, *, deep: bool = True) -> tuple[str, ...]:
     """List what keeps ``output_dir/final`` from being a proven-complete final save."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
+    kind = entry_kind(path)
+    if kind is EntryKind.MISSING:
         return ("does not exist",)
-    if stat.S_ISLNK(info.st_mode):
+    if kind is EntryKind.SYMLINK:
         return ("is a symlink: never followed",)
-    if not stat.S_ISDIR(info.st_mode):
+    if kind is not EntryKind.DIRECTORY:
         return ("not a directory",)
     listing = list_folder(path)
     findings = _Findings()
@@ -655,16 +666,16 @@ Fingerprint = tuple[object, ...]
 def folder_fingerprint(path: Path) -> Fingerprint | None:
     """Summarise a folder's files so any write, truncation or swap changes it; None if absent.
 
-    (name, size, mtime_ns) of every file, as DESIGN.md asks, plus ctime and inode:
+    (name, size, mtime_ns) of every file, plus ctime and inode:
     ``os.utime`` can put an mtime back but not a ctime, and a different folder
     renamed into place has different inodes. It still cannot see an in-place
     rewrite within one timestamp tick, which is why a resume re-verifies fully.
     """
+    if not is_real_dir(path):
+        return None
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return None
-    if not stat.S_ISDIR(info.st_mode):
         return None
     listing = list_folder(path)
     return (
