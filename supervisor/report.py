@@ -259,7 +259,11 @@ def run_prune(
     dry_run: bool,
     console: Console,
 ) -> int:
-    """Delete what retention would delete; refuse while a supervisor owns the dir."""
+    """Delete what retention would delete, each through ``.warden/trash``.
+
+    It does not look for a running supervisor: run it on a stopped run, or trust
+    that the newest valid checkpoint (always kept) is what a live one needs.
+    """
     doomed = plan_prune(output_dir, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
     if not doomed:
         console.print("nothing to prune")
