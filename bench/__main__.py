@@ -25,18 +25,16 @@ from bench import advice, detection, goodput, overhead, restart, validation
 from bench.common import (
     FULL,
     QUICK,
-    REPO_ROOT,
-    Proc,
     Sizes,
     Workspace,
-    bare_argv,
     median,
     sft,
-    write_job,
 )
 from bench.overhead import Calibration, cold_start, save_seconds, steady_rate
 from bench.report import Section, machine, machine_line, render, write_json, write_markdown
 from bench.runs import RunRecord, run_job
+from tests.support.jobs import trainer_child_argv, write_job
+from tests.support.processes import REPO_ROOT, Process
 
 KEYS = (
     "detection",
@@ -94,7 +92,7 @@ def calibrate(ws: Workspace) -> Calibration:
         folder / "job.json", folder / "out", sft(max_steps=steps, save_steps=20, logging_steps=60)
     )
     record = run_job(
-        Proc(bare_argv(job), ws.env, folder / "child.log"),
+        Process(trainer_child_argv(job), ws.env, folder / "child.log"),
         folder / "out",
         label="calibration",
         system="bare",

@@ -22,21 +22,18 @@ from typing import Any
 
 from bench.common import (
     MB,
-    Proc,
     Sizes,
     Workspace,
-    bare_argv,
     fmt_seconds,
     median,
     ratio,
     sft,
-    supervisor_argv,
     train_config,
-    write_config,
-    write_job,
 )
 from bench.report import Section
 from bench.runs import RunRecord, run_job
+from tests.support.jobs import supervisor_argv, trainer_child_argv, write_job, write_yaml
+from tests.support.processes import Process
 from trainer_child.protocol import COMMIT_RECORD, CommitRecord, read_model
 
 TARGET_OVERHEAD = 0.02
@@ -92,13 +89,13 @@ def run(ws: Workspace, sizes: Sizes) -> tuple[Section, Section, Calibration, lis
     for index in range(sizes.overhead_pairs):
         folder = ws.fresh(f"overhead-bare-{index}")
         job = write_job(folder / "job.json", folder / "out", fields)
-        proc = Proc(bare_argv(job), ws.env, folder / "child.log")
+        proc = Process(trainer_child_argv(job), ws.env, folder / "child.log")
         records.append(
             run_job(proc, folder / "out", label=f"bare-{index}", system="bare", cap=1800)
         )
         folder = ws.fresh(f"overhead-supervised-{index}")
-        config = write_config(folder / "job.yaml", train_config(folder / "out", fields))
-        proc = Proc(supervisor_argv(config), ws.env, folder / "supervisor.log")
+        config = write_yaml(folder / "job.yaml", train_config(folder / "out", fields))
+        proc = Process(supervisor_argv(config), ws.env, folder / "supervisor.log")
         records.append(
             run_job(
                 proc,

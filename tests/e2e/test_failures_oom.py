@@ -27,16 +27,11 @@ from typing import Any
 import pytest
 
 from supervisor.shell.oom import cgroup_of
-from tests.integration.childkit import REPO_ROOT, Child, trainer_child_argv
-from tests.integration.supervised import (
-    STANDARD_SFT,
-    events,
-    heartbeat,
-    max_abs_diff,
-    supervisor_process,
-    wait_for,
-    write_config,
-)
+from tests.support.capabilities import require
+from tests.support.jobs import STANDARD_SFT, trainer_child_argv, write_config
+from tests.support.outputs import events, heartbeat, max_abs_diff
+from tests.support.processes import REPO_ROOT, Process, wait_for
+from tests.support.supervised import supervisor_process
 from trainer_child.protocol import COMMIT_RECORD, CommitRecord, JobFile, read_model
 
 pytestmark = pytest.mark.slow
@@ -60,7 +55,7 @@ NO_DROPOUT_TRAIN: dict[str, Any] = {
 class BackgroundReference:
     """An uninterrupted, unsupervised run of the dropout-free job, training meanwhile."""
 
-    def __init__(self, child: Child, final: Path) -> None:
+    def __init__(self, child: Process, final: Path) -> None:
         self.child = child
         self.path = final
 
@@ -83,7 +78,7 @@ def no_dropout_reference(
     job = JobFile.model_validate({"output_dir": str(root / "out"), "train": NO_DROPOUT_TRAIN})
     path = root / "job.json"
     path.write_text(job.model_dump_json())
-    child = Child(trainer_child_argv(path), env, root / "child.log")
+    child = Process(trainer_child_argv(path), env, root / "child.log")
     try:
         yield BackgroundReference(child, root / "out" / "final")
     finally:
@@ -103,10 +98,7 @@ def _own_memory_cgroup() -> Path:
 @pytest.fixture
 def memory_cgroup() -> Iterator[Path]:
     """A fresh v1 memory cgroup limited to CHILD_LIMIT_BYTES; removed at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create memory cgroups")
-    if not (V1_MEMORY / "cgroup.procs").exists() or not os.access(V1_MEMORY, os.W_OK):
-        pytest.skip("no writable cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
+    require("root", "cgroup-v1-memory")
     path = V1_MEMORY / f"tw-test-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     try:

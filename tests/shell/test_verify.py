@@ -18,7 +18,7 @@ from supervisor.shell.verify import (
     verify_checkpoint,
     verify_final,
 )
-from tests.checkpoint_factory import (
+from tests.support.checkpoints import (
     ADAPTER,
     OPTIMIZER,
     flip_byte,

@@ -9,7 +9,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -17,12 +17,13 @@ import pytest
 
 from supervisor.shell.launcher import (
     ChildHandle,
-    FakeLauncher,
     Launcher,
     ProcessLauncher,
     enforce_log_cap,
     live_group_members,
 )
+from supervisor.shell.testing import FakeLauncher
+from tests.support.processes import wait_for
 
 PY = sys.executable
 Exits = queue.SimpleQueue[tuple[int, int]]
@@ -48,15 +49,6 @@ def spawn(launcher: ProcessLauncher, tmp_path: Path, code: str, exits: Exits) ->
         pass_fds=(),
         on_exit=lambda pid, rc: exits.put((pid, rc)),
     )
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``predicate()`` until it is true or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {predicate}")
-        time.sleep(0.01)
 
 
 def kill_quietly(pid: int) -> None:
@@ -145,7 +137,7 @@ def test_sigkill_is_reported_as_negative_returncode(
     exits: Exits = queue.SimpleQueue()
     handle = spawn(launcher, tmp_path, SLEEPER, exits)
     try:
-        wait_for((tmp_path / "ready").exists)
+        wait_for((tmp_path / "ready").exists, 30)
         assert launcher.process_alive(handle.pid)
         launcher.signal_group(handle.pid, signal.SIGKILL)
         assert exits.get(timeout=10) == (handle.pid, -signal.SIGKILL)
@@ -160,13 +152,13 @@ def test_sigstopped_child_is_reported_stopped(launcher: ProcessLauncher, tmp_pat
     exits: Exits = queue.SimpleQueue()
     handle = spawn(launcher, tmp_path, SLEEPER, exits)
     try:
-        wait_for((tmp_path / "ready").exists)
+        wait_for((tmp_path / "ready").exists, 30)
         assert not launcher.process_stopped(handle.pid)
         launcher.signal_group(handle.pid, signal.SIGSTOP)
-        wait_for(lambda: launcher.process_stopped(handle.pid), timeout=5)
+        wait_for(lambda: launcher.process_stopped(handle.pid), 30)
         assert launcher.process_alive(handle.pid)
         launcher.signal_group(handle.pid, signal.SIGCONT)
-        wait_for(lambda: not launcher.process_stopped(handle.pid), timeout=5)
+        wait_for(lambda: not launcher.process_stopped(handle.pid), 30)
     finally:
         kill_quietly(handle.pid)
 
@@ -191,7 +183,7 @@ def test_stop_sigkills_group_that_ignores_sigterm(
     )
     grandchild = 0
     try:
-        wait_for((tmp_path / "grandchild").exists)
+        wait_for((tmp_path / "grandchild").exists, 30)
         grandchild = int((tmp_path / "grandchild").read_text())
         assert os.getpgid(grandchild) == handle.pid
         started = time.monotonic()
@@ -217,7 +209,7 @@ def test_stop_returns_early_when_child_honours_sigterm(
     exits: Exits = queue.SimpleQueue()
     handle = spawn(launcher, tmp_path, SLEEPER, exits)
     try:
-        wait_for((tmp_path / "ready").exists)
+        wait_for((tmp_path / "ready").exists, 30)
         started = time.monotonic()
         launcher.stop(handle.pid, grace=20.0)
         assert time.monotonic() - started < 5.0
@@ -231,9 +223,9 @@ def test_stop_continues_a_sigstopped_child(launcher: ProcessLauncher, tmp_path: 
     exits: Exits = queue.SimpleQueue()
     handle = spawn(launcher, tmp_path, SLEEPER, exits)
     try:
-        wait_for((tmp_path / "ready").exists)
+        wait_for((tmp_path / "ready").exists, 30)
         launcher.signal_group(handle.pid, signal.SIGSTOP)
-        wait_for(lambda: launcher.process_stopped(handle.pid), timeout=5)
+        wait_for(lambda: launcher.process_stopped(handle.pid), 30)
         started = time.monotonic()
         launcher.stop(handle.pid, grace=20.0)
         assert time.monotonic() - started < 5.0
@@ -257,7 +249,7 @@ def test_close_stops_children_still_running(tmp_path: Path) -> None:
     exits: Exits = queue.SimpleQueue()
     handle = spawn(real, tmp_path, SLEEPER, exits)
     try:
-        wait_for((tmp_path / "ready").exists)
+        wait_for((tmp_path / "ready").exists, 30)
         real.close(grace=2.0)
         assert exits.get_nowait() == (handle.pid, -signal.SIGTERM)
         assert real.running() == []
@@ -372,32 +364,42 @@ def test_log_cap_while_child_appends(launcher: ProcessLauncher, tmp_path: Path) 
     assert numbers[-1] == 59999
 
 
-# --- the fake --------------------------------------------------------------------------
+# --- the contract the fake keeps too ----------------------------------------------------
 
 
-def test_fake_launcher_scripts_exits_and_failures(tmp_path: Path) -> None:
-    """FakeLauncher hands out pids, delivers scripted exits and raises a scripted spawn error."""
-    fake: Launcher = FakeLauncher(clock=lambda: 5.0)
-    assert isinstance(fake, FakeLauncher)
+@pytest.mark.parametrize("kind", ["process", "fake"])
+def test_both_launchers_report_a_stopped_child_once_and_refuse_the_unstartable(
+    kind: str, tmp_path: Path
+) -> None:
+    """ProcessLauncher and FakeLauncher alike: alive until stopped, exit -SIGTERM, OSError."""
+    real = ProcessLauncher()
+    fake = FakeLauncher()
+    launcher: Launcher = real if kind == "process" else fake
     exits: list[tuple[int, int]] = []
-    handle = fake.spawn(
-        ["train"],
-        env={"A": "1"},
-        cwd=tmp_path,
-        log_path=tmp_path / "a.log",
-        pass_fds=(7,),
-        on_exit=lambda pid, rc: exits.append((pid, rc)),
-    )
-    assert handle.started_at == 5.0
-    assert fake.process_alive(handle.pid)
-    fake.signal_group(handle.pid, signal.SIGUSR1)
-    fake.stop(handle.pid, grace=3.0)
-    assert exits == [(handle.pid, -signal.SIGTERM)]
-    assert fake.signals == [(handle.pid, signal.SIGUSR1)]
-    assert fake.stops == [(handle.pid, 3.0)]
-    assert not fake.process_alive(handle.pid)
-    fake.fail_next = FileNotFoundError("train")
-    with pytest.raises(FileNotFoundError):
-        fake.spawn(
-            ["train"], env={}, cwd=tmp_path, log_path=tmp_path / "b.log", pass_fds=(), on_exit=print
+    try:
+        handle = launcher.spawn(
+            [PY, "-c", "import time; time.sleep(60)"],
+            env=dict(os.environ),
+            cwd=tmp_path,
+            log_path=tmp_path / "a.log",
+            pass_fds=(),
+            on_exit=lambda pid, rc: exits.append((pid, rc)),
         )
+        assert launcher.process_alive(handle.pid)
+        assert not launcher.process_stopped(handle.pid)
+        launcher.signal_group(handle.pid, signal.SIGCONT)  # harmless to a running child
+        launcher.stop(handle.pid, grace=10.0)
+        assert exits == [(handle.pid, -signal.SIGTERM)]  # reported before stop() returns
+        assert not launcher.process_alive(handle.pid)
+        fake.fail_next = FileNotFoundError(2, "No such file or directory", "no-such-binary")
+        with pytest.raises(OSError):
+            launcher.spawn(
+                ["/nonexistent/no-such-binary"],
+                env={},
+                cwd=tmp_path,
+                log_path=tmp_path / "b.log",
+                pass_fds=(),
+                on_exit=print,
+            )
+    finally:
+        launcher.close()

@@ -31,17 +31,10 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.integration.childkit import REPO_ROOT, write_job
-from tests.integration.supervised import (
-    STANDARD_SFT,
-    Job,
-    assert_bit_identical,
-    events,
-    heartbeat,
-    supervisor_process,
-    wait_for,
-    write_config,
-)
+from tests.support.jobs import STANDARD_SFT, Job, write_config, write_tiny_job
+from tests.support.outputs import assert_bit_identical, events, heartbeat
+from tests.support.processes import REPO_ROOT, wait_for
+from tests.support.supervised import supervisor_process
 from trainer_child.protocol import (
     COMMIT_RECORD,
     ENV_RESUME_FROM,
@@ -351,7 +344,7 @@ def test_command_mode_resumes_from_env_after_sigkill(
     # training to a first commit here. A fresh start's empty value is
     # checked in tests/unit/test_loop.py.
     shutil.copytree(reference.parent / "checkpoint-8", layout.checkpoint(8))
-    job_file = write_job(tmp_path / "child-job.json", output_dir, **STANDARD_SFT)
+    job_file = write_tiny_job(tmp_path / "child-job.json", output_dir, **STANDARD_SFT)
     seen_file = tmp_path / "resume-seen.txt"
     wrapper = tmp_path / "train.sh"
     wrapper.write_text(

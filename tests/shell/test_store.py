@@ -15,14 +15,14 @@ from supervisor.shell import verify
 from supervisor.shell.lock import RunLock
 from supervisor.shell.store import (
     CheckpointStore,
-    FakeCheckpointStore,
     FileCheckpointStore,
     RefusedError,
     describe_checkpoints,
     dir_size,
     plan_prune,
 )
-from tests.checkpoint_factory import (
+from supervisor.shell.testing import FakeCheckpointStore
+from tests.support.checkpoints import (
     ADAPTER,
     OPTIMIZER,
     flip_byte,
@@ -358,31 +358,51 @@ def test_plan_prune_applies_retention_to_valid_checkpoints(run_dir: Path) -> Non
 # --- the fake -------------------------------------------------------------------------------
 
 
-def test_fake_store_follows_the_protocol_and_records_actions() -> None:
-    """FakeCheckpointStore scripts verdicts and records quarantines and removals."""
-    fake = FakeCheckpointStore(
-        (
-            CheckpointEntry(2, Integrity.COMPLETE, size_bytes=100),
-            CheckpointEntry(4, Integrity.COMPLETE, size_bytes=100),
-            CheckpointEntry(9, Integrity.INCOMPLETE, symlink=True),
-        ),
-        trash_bytes=7,
-    )
-    store: CheckpointStore = fake
-    fake.resume_verdicts[4] = CheckpointEntry(4, Integrity.CORRUPT, problems=("bit rot",))
+@pytest.fixture(params=["file", "fake"])
+def stores(
+    request: pytest.FixtureRequest, tmp_path: Path, run_dir: Path
+) -> tuple[CheckpointStore, Path]:
+    """checkpoint-2 and -4 valid, -4 damaged where only a fresh verify sees it, -9 a symlink.
+
+    The real store sees them on disk; the fake is scripted with the same verdicts
+    and sizes. Returns the store and where its trash would be.
+    """
+    two, four = make_checkpoint(run_dir, 2), make_checkpoint(run_dir, 4)
+    (run_dir / "checkpoint-9").symlink_to(make_checkpoint(tmp_path / "elsewhere", 9))
+    store: CheckpointStore
+    if request.param == "file":
+        store = FileCheckpointStore(run_dir, require_record=True)
+        store.inventory()  # verdicts cached, as in a running supervisor
+        flip_byte(four / OPTIMIZER, largest_tensor_payload(four / OPTIMIZER)[0], keep_mtime=True)
+    else:
+        fake = FakeCheckpointStore(
+            (
+                CheckpointEntry(2, Integrity.COMPLETE, size_bytes=dir_size(two)),
+                CheckpointEntry(4, Integrity.COMPLETE, size_bytes=dir_size(four)),
+                CheckpointEntry(9, Integrity.INCOMPLETE, symlink=True),
+            )
+        )
+        fake.resume_verdicts[4] = CheckpointEntry(4, Integrity.CORRUPT, problems=("bit rot",))
+        store = fake
+    return store, run_dir
+
+
+def test_both_stores_keep_the_loops_contract(stores: tuple[CheckpointStore, Path]) -> None:
+    """Real and fake alike: a fresh verify sees damage, moves free bytes, symlinks are refused."""
+    store, run_dir = stores
+    sizes = {step: dir_size(run_dir / f"checkpoint-{step}") for step in (2, 4)}
+    assert [e.step for e in store.inventory().entries] == [2, 4, 9]
     assert store.verify_for_resume(4).integrity is Integrity.CORRUPT
     assert store.quarantine(4, "resume failed") is not None
-    assert store.remove(2, "retention") == 100
+    held = store.inventory().quarantine_bytes
+    assert held >= sizes[4]  # the real one also keeps a small reason file beside it
+    assert store.remove(2, "retention") == sizes[2]
     with pytest.raises(RefusedError):
         store.remove(9, "retention")
-    assert store.empty_trash() == 7
-    assert [entry.step for entry in store.inventory().entries] == [9]
-    assert fake.quarantined == [(4, "resume failed")]
-    assert fake.removed == [(2, "retention")]
-    assert store.inventory().quarantine_bytes == 100
-
-
-def test_real_store_satisfies_the_protocol(run_dir: Path) -> None:
-    """FileCheckpointStore is usable wherever the loop expects the protocol."""
-    store: CheckpointStore = FileCheckpointStore(run_dir, require_record=True)
-    assert store.inventory().entries == ()
+    with pytest.raises(RefusedError):
+        store.quarantine(9, "never")
+    assert store.quarantine(7, "absent") is None
+    assert store.remove(7, "absent") == 0
+    assert [e.step for e in store.inventory().entries] == [9]
+    assert store.purge_quarantine() == held
+    assert store.inventory().quarantine_bytes == 0

@@ -10,7 +10,6 @@ within its time budget; the interactive ones run in their own tests.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import signal
 import sys
@@ -20,22 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.childkit import (
-    BASE_SFT,
-    Launch,
-    assert_adapters_equal,
+from tests.support.capabilities import absent, require
+from tests.support.jobs import TINY_SFT, child_env, run_to_end, trainer_child_argv, write_tiny_job
+from tests.support.outputs import (
+    assert_bit_identical,
     checkpoint_steps,
-    child_env,
     error_report,
     heartbeat,
-    run_all,
-    run_child,
-    run_to_end,
-    trainer_child_argv,
     verify_commit,
-    wait_for,
-    write_job,
 )
+from tests.support.processes import Launch, run_all, run_process, wait_for
 from trainer_child.protocol import (
     COMMIT_RECORD,
     ENV_FAILPOINTS,
@@ -49,8 +42,8 @@ from trainer_child.protocol import (
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = BASE_SFT["max_steps"]
-SAVE_STEPS = BASE_SFT["save_steps"]
+MAX_STEPS = TINY_SFT["max_steps"]
+SAVE_STEPS = TINY_SFT["save_steps"]
 #: A checkpoint is ~110 KiB; .warden needs ~76 KiB (heartbeat + the 64 KiB error reserve).
 TMPFS_SIZE = "128k"
 
@@ -75,14 +68,6 @@ class Batch:
     enospc_skip: str | None
 
 
-def _namespaces_unusable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to mount a tmpfs in a private mount namespace"
-    if shutil.which("unshare") is None:
-        return "needs util-linux unshare"
-    return None
-
-
 def _enospc_launch(root: Path, env: dict[str, str]) -> tuple[Launch, Path, Path]:
     """Run the child with output_dir on a tiny tmpfs in a private mount namespace.
 
@@ -92,7 +77,7 @@ def _enospc_launch(root: Path, env: dict[str, str]) -> tuple[Launch, Path, Path]
     """
     out = root / "out"
     out.mkdir(parents=True)
-    job = write_job(root / "job.json", out, save_steps=2, max_steps=4)
+    job = write_tiny_job(root / "job.json", out, save_steps=2, max_steps=4)
     copy = root / "error.json"
     inner = " ".join(trainer_child_argv(job))
     script = (
@@ -113,7 +98,7 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Batch:
     def add(name: str, extra_env: dict[str, str] | None = None, **sft: object) -> None:
         root = tmp_path_factory.mktemp(name)
         outputs[name] = root / "out"
-        job = write_job(root / "job.json", root / "out", **sft)
+        job = write_tiny_job(root / "job.json", root / "out", **sft)
         launches.append(
             Launch(name, trainer_child_argv(job), {**env, **(extra_env or {})}, root / "child.log")
         )
@@ -121,7 +106,7 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Batch:
     add("reference")
     add("unknown_field", learning_rat=1e-4)
     add("cuda_oom", {ENV_FAILPOINTS: "cuda_oom@step=2,times=1"})
-    skip = _namespaces_unusable()
+    skip = absent("root", "unshare")
     report_copy = None
     if skip is None:
         launch, outputs["enospc"], report_copy = _enospc_launch(
@@ -153,7 +138,7 @@ def test_runs_end_to_end_offline_with_commit_records(reference: Run) -> None:
     for step in expected:
         record = verify_commit(out / f"checkpoint-{step}", expect_step=step)
         assert record.reason == "periodic"
-        assert record.per_device_train_batch_size == BASE_SFT["per_device_train_batch_size"]
+        assert record.per_device_train_batch_size == TINY_SFT["per_device_train_batch_size"]
         assert record.gradient_accumulation_steps == 1
     final = verify_commit(out / "final", expect_step=MAX_STEPS)
     assert final.reason == "final"
@@ -194,8 +179,7 @@ def test_cuda_oom_failpoint_reports_cuda_oom(batch: Batch) -> None:
 @pytest.mark.system
 def test_real_enospc_is_reported_as_disk_full(batch: Batch) -> None:
     """A real ENOSPC (output_dir on a 128 KiB tmpfs) is reported as kind disk_full."""
-    if batch.enospc_skip is not None:
-        pytest.skip(batch.enospc_skip)
+    require("root", "unshare")
     run = batch.runs["enospc"]
     assert run.exit_code == 1, run.log
     assert batch.enospc_report is not None
@@ -213,14 +197,14 @@ def test_resume_from_checkpoint_is_bit_identical(
     out = tmp_path / "out"
     out.mkdir()
     shutil.copytree(reference.output_dir / "checkpoint-6", out / "checkpoint-6")
-    job = write_job(tmp_path / "job.json", out)
+    job = write_tiny_job(tmp_path / "job.json", out)
     code, log = run_to_end(job, env, tmp_path / "child.log", resume_from=out / "checkpoint-6")
     assert code == 0, log
     assert checkpoint_steps(out) == [6, 9, 10]
-    assert assert_adapters_equal(out / "final", reference.output_dir / "final") > 0
+    assert assert_bit_identical(out / "final", reference.output_dir / "final") > 0
     # Equality means something: the last four steps did move the adapter.
     with pytest.raises(AssertionError, match="tensors differ"):
-        assert_adapters_equal(out / "checkpoint-6", out / "final")
+        assert_bit_identical(out / "checkpoint-6", out / "final")
 
 
 def test_sigterm_writes_emergency_checkpoint_and_resume_is_identical(
@@ -228,11 +212,11 @@ def test_sigterm_writes_emergency_checkpoint_and_resume_is_identical(
 ) -> None:
     """SIGTERM mid-run commits an off-schedule checkpoint, exits 75, and resumes bit-identically."""
     out = tmp_path / "out"
-    job = write_job(tmp_path / "job.json", out)
+    job = write_tiny_job(tmp_path / "job.json", out)
     # Step 4 takes 3 s, so a SIGTERM sent once checkpoint-3 is committed lands in
     # step 4 (or, on a badly overloaded machine, step 5): never on the save schedule.
     slow = {ENV_FAILPOINTS: "slow_step@step=4,seconds=3"}
-    with run_child(trainer_child_argv(job), {**env, **slow}, tmp_path / "child.log") as child:
+    with run_process(trainer_child_argv(job), {**env, **slow}, tmp_path / "child.log") as child:
 
         def checkpoint_3_committed() -> bool:
             beat = heartbeat(out)
@@ -252,7 +236,7 @@ def test_sigterm_writes_emergency_checkpoint_and_resume_is_identical(
         job, env, tmp_path / "resume.log", resume_from=out / f"checkpoint-{emergency_step}"
     )
     assert code == 0, log
-    assert_adapters_equal(out / "final", reference.output_dir / "final")
+    assert_bit_identical(out / "final", reference.output_dir / "final")
 
 
 def test_sigkill_during_checkpoint_write_leaves_no_commit_record(
@@ -260,10 +244,10 @@ def test_sigkill_during_checkpoint_write_leaves_no_commit_record(
 ) -> None:
     """SIGKILL while HF writes checkpoint-3 (slowed by slow_save) leaves it without warden.json."""
     out = tmp_path / "out"
-    job = write_job(tmp_path / "job.json", out, max_steps=3)
+    job = write_tiny_job(tmp_path / "job.json", out, max_steps=3)
     slow = {ENV_FAILPOINTS: "slow_save@seconds=1.5"}
     folder = out / "checkpoint-3"
-    with run_child(trainer_child_argv(job), {**env, **slow}, tmp_path / "child.log") as child:
+    with run_process(trainer_child_argv(job), {**env, **slow}, tmp_path / "child.log") as child:
 
         def save_in_progress() -> bool:
             beat = heartbeat(out)
@@ -330,7 +314,7 @@ def test_plain_hf_trainer_script_gets_commit_records(env: dict[str, str], tmp_pa
     out = tmp_path / "out"
     slow = {ENV_FAILPOINTS: "slow_step@step=3,seconds=3"}
     argv = [sys.executable, str(script), str(out)]
-    with run_child(argv, {**env, **slow}, tmp_path / "child.log") as child:
+    with run_process(argv, {**env, **slow}, tmp_path / "child.log") as child:
 
         def checkpoint_2_committed() -> bool:
             beat = heartbeat(out)
@@ -367,8 +351,8 @@ def test_builtin_model_is_byte_identical_across_builds(batch: Batch, tmp_path: P
     (built_before,) = (batch.cache_home / "trainwarden").glob("tiny-gpt2-*")
     env = child_env(tmp_path / "cache")
     with (
-        run_child(build, env, tmp_path / "a.log") as a,
-        run_child(build, env, tmp_path / "b.log") as b,
+        run_process(build, env, tmp_path / "a.log") as a,
+        run_process(build, env, tmp_path / "b.log") as b,
     ):
         codes = [a.wait(), b.wait()]
         outputs = [child.log().strip().splitlines()[-1] for child in (a, b)]

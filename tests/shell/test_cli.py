@@ -22,14 +22,14 @@ from typer.testing import CliRunner
 from supervisor.cli import app
 from supervisor.shell.journal import FileJournal
 from supervisor.shell.store import FileCheckpointStore
-from tests.checkpoint_factory import (
+from tests.support.checkpoints import (
     ADAPTER,
     flip_byte,
     make_checkpoint,
     make_final,
     safetensors_data_start,
 )
-from tests.integration.childkit import REPO_ROOT
+from tests.support.processes import REPO_ROOT
 from trainer_child.protocol import (
     EXIT_CONFIG,
     FailureRecord,

@@ -12,14 +12,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.supervised import (
-    assert_bit_identical,
-    events,
-    heartbeat,
-    supervisor_process,
-    wait_for,
-    write_config,
-)
+from tests.support.jobs import write_config
+from tests.support.outputs import assert_bit_identical, events, heartbeat
+from tests.support.processes import wait_for
+from tests.support.supervised import supervisor_process
 from trainer_child.protocol import Phase
 
 pytestmark = pytest.mark.slow

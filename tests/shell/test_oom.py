@@ -17,7 +17,6 @@ import pytest
 from supervisor.shell.launcher import ProcessLauncher
 from supervisor.shell.oom import (
     CgroupRef,
-    FakeOomWatch,
     OomEvidence,
     OomWatch,
     cgroup_of,
@@ -26,6 +25,8 @@ from supervisor.shell.oom import (
     oom_kill_count,
     parse_proc_cgroup,
 )
+from supervisor.shell.testing import FakeOomWatch
+from tests.support.capabilities import require
 
 HYBRID = """\
 9:name=systemd:/
@@ -140,11 +141,26 @@ def test_kernel_log_matches_victim_after_cursor(tmp_path: Path) -> None:
     assert not kernel_log_oom(4321, kmsg_path=str(tmp_path / "unreadable"))
 
 
-def test_fake_oom_watch_answers_as_scripted() -> None:
-    """FakeOomWatch answers from its flags, through the OomEvidence interface."""
-    fake: OomEvidence = FakeOomWatch(5, cgroup_killed=True)
-    assert fake.oom_killed_since()
-    assert not fake.kernel_log_oom()
+@pytest.mark.parametrize("kind", ["sample_tree", "fake"])
+def test_both_watches_answer_no_until_the_kill_then_yes(kind: str, tmp_path: Path) -> None:
+    """OomWatch over a sample cgroup tree and kmsg, and its fake, say the same before and after."""
+    proc_root, sysfs, kmsg = tmp_path / "proc", tmp_path / "sys", tmp_path / "kmsg"
+    write(proc_root / "77" / "cgroup", "0::/job\n")
+    write(sysfs / "job" / "memory.events", V2_EVENTS.format(n=3))
+    write(kmsg, "6,100,5,-;an older record\n")
+    fake = FakeOomWatch(77)
+    watch: OomEvidence = (
+        fake
+        if kind == "fake"
+        else OomWatch(77, proc_root=str(proc_root), sysfs_root=str(sysfs), kmsg_path=str(kmsg))
+    )
+    assert (watch.oom_killed_since(), watch.kernel_log_oom()) == (False, False)
+    # The OOM killer strikes: the counter rises and the kernel log names the victim.
+    (sysfs / "job" / "memory.events").write_text(V2_EVENTS.format(n=4))
+    with kmsg.open("a") as log:
+        log.write("6,101,6,-;Memory cgroup out of memory: Killed process 77 (python)\n")
+    fake.cgroup_killed = fake.kmsg_killed = True
+    assert (watch.oom_killed_since(), watch.kernel_log_oom()) == (True, True)
 
 
 # --- real OOM kill under a cgroup v1 memory limit -----------------------------------------
@@ -155,10 +171,7 @@ V1_MEMORY = Path("/sys/fs/cgroup/memory")
 @pytest.fixture
 def v1_cgroups() -> Iterator[list[Path]]:
     """Fresh v1 memory cgroups (made by the test), removed at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create memory cgroups")
-    if not (V1_MEMORY / "cgroup.procs").exists() or not os.access(V1_MEMORY, os.W_OK):
-        pytest.skip("no writable cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
+    require("root", "cgroup-v1-memory")
     made: list[Path] = []
     yield made
     for path in made:

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.childkit import child_env, run_to_end, write_job
-from tests.integration.supervised import STANDARD_SFT
+from tests.support.jobs import STANDARD_SFT, child_env, run_to_end, write_tiny_job
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +41,7 @@ def reference_final(
         key = json.dumps(settings, sort_keys=True)
         if key not in cache:
             root = tmp_path_factory.mktemp("reference")
-            job = write_job(root / "job.json", root / "out", **settings)
+            job = write_tiny_job(root / "job.json", root / "out", **settings)
             code, log = run_to_end(job, env, root / "child.log", timeout=300)
             assert code == 0, log
             cache[key] = root / "out" / "final"

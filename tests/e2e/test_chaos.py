@@ -23,14 +23,9 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.integration.supervised import (
-    FAST_RESTART,
-    SupervisorProcess,
-    assert_bit_identical,
-    events,
-    supervisor_process,
-    write_config,
-)
+from tests.support.jobs import FAST_RESTART, write_config
+from tests.support.outputs import assert_bit_identical, events
+from tests.support.supervised import SupervisorProcess, supervisor_process
 from trainer_child.protocol import (
     COMMIT_RECORD,
     CommitRecord,

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.childkit import REPO_ROOT
-from tests.integration.supervised import STANDARD_SFT, events, supervisor_process, write_config
+from tests.support.jobs import STANDARD_SFT, write_config
+from tests.support.outputs import events
+from tests.support.processes import REPO_ROOT
+from tests.support.supervised import supervisor_process
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.childkit import REPO_ROOT
+from tests.support.processes import REPO_ROOT
 from trainer_child.protocol import COMMIT_RECORD, Layout
 
 

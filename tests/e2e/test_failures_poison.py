@@ -17,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.childkit import REPO_ROOT
-from tests.integration.supervised import (
-    FAST_RESTART,
-    assert_bit_identical,
-    events,
-    supervisor_process,
-    wait_for,
-    write_config,
-)
+from tests.support.jobs import FAST_RESTART, write_config
+from tests.support.outputs import assert_bit_identical, events
+from tests.support.processes import REPO_ROOT, wait_for
+from tests.support.supervised import supervisor_process
 from trainer_child.protocol import COMMIT_RECORD, checkpoint_step
 
 pytestmark = pytest.mark.slow

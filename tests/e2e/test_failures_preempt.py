@@ -11,15 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.supervised import (
-    SupervisorProcess,
-    assert_bit_identical,
-    events,
-    heartbeat,
-    supervisor_process,
-    wait_for,
-    write_config,
-)
+from tests.support.jobs import write_config
+from tests.support.outputs import assert_bit_identical, events, heartbeat
+from tests.support.processes import wait_for
+from tests.support.supervised import SupervisorProcess, supervisor_process
 from trainer_child.protocol import (
     COMMIT_RECORD,
     CommitRecord,

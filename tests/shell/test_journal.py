@@ -5,10 +5,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ import pytest
 
 from supervisor.core.model import FailureKind
 from supervisor.shell import journal as journal_mod
-from supervisor.shell.journal import FakeJournal, FileJournal, Journal, read_events, read_state
+from supervisor.shell.journal import FileJournal, Journal, read_events, read_state
+from supervisor.shell.testing import FakeJournal
+from tests.support.capabilities import require
 from trainer_child.protocol import Layout, RunStateFile, atomic_write_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,20 +168,76 @@ def test_other_oserrors_are_raised(tmp_path: Path) -> None:
         FileJournal(layout).append("launch", 1)
 
 
-def test_fake_journal_behaves_like_a_full_disk_when_told() -> None:
-    """FakeJournal holds entries back while full and releases them afterwards."""
-    fake: Journal = FakeJournal(wall_clock=lambda: 1.0)
-    assert isinstance(fake, FakeJournal)
-    fake.full = True
-    assert not fake.append("failure", 1, kind="disk_full")
-    assert not fake.write_state(RunStateFile(attempts=1))
-    assert fake.backlog == 1
-    assert fake.full_reports == 1
-    fake.full = False
-    assert fake.append("launch", 2)
-    assert fake.events() == ["failure", "launch"]
-    assert fake.entries[0] == {"ts": 1.0, "event": "failure", "attempt": 1, "kind": "disk_full"}
-    assert len(fake.states) == 1
+@dataclass
+class JournalUnderTest:
+    """A journal, a switch that fills its disk, and what it has written so far."""
+
+    journal: Journal
+    fill: Callable[[bool], None]
+    written: Callable[[], list[str]]
+    reports: Callable[[], int]
+
+
+@pytest.fixture(params=["file", "fake"])
+def any_journal(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> JournalUnderTest:
+    """FileJournal on a disk made full by failing its writes with ENOSPC, or FakeJournal."""
+    if request.param == "fake":
+        fake = FakeJournal(wall_clock=lambda: 1.0)
+
+        def fill_fake(full: bool) -> None:
+            fake.full = full
+
+        return JournalUnderTest(fake, fill_fake, fake.events, lambda: fake.full_reports)
+    layout = Layout(tmp_path)
+    reports: list[OSError] = []
+    journal = FileJournal(layout, on_full=reports.append)
+    full = [False]
+    real_write, real_atomic = os.write, atomic_write_model
+
+    def write(fd: int, data: Any) -> int:
+        if full[0] and os.readlink(f"/proc/self/fd/{fd}").endswith("events.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    def atomic(path: Any, model: Any, **kwargs: Any) -> None:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_atomic(path, model, **kwargs)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(journal_mod, "atomic_write_model", atomic)
+
+    def fill_file(value: bool) -> None:
+        full[0] = value
+
+    def written() -> list[str]:
+        return [e.event for e in read_events(layout)]
+
+    return JournalUnderTest(journal, fill_file, written, lambda: len(reports))
+
+
+def test_both_journals_hold_entries_on_a_full_disk_and_release_them_in_order(
+    any_journal: JournalUnderTest,
+) -> None:
+    """FileJournal and its fake alike: held back while full, reported once, written in order."""
+    under_test = any_journal
+    journal = under_test.journal
+    assert journal.append("launch", 1)
+    under_test.fill(True)
+    assert not journal.append("failure", 1, kind="disk_full")
+    assert not journal.write_state(RunStateFile(attempts=1, status="waiting for disk"))
+    assert journal.backlog == 1
+    assert under_test.reports() == 1
+    assert under_test.written() == ["launch"]
+    under_test.fill(False)
+    assert journal.append("launch", 2)
+    assert journal.backlog == 0
+    assert under_test.written() == ["launch", "failure", "launch"]
+    state = journal.read_state()
+    assert state is not None
+    assert state.status == "waiting for disk"
 
 
 ENOSPC_SCRIPT = """
@@ -235,10 +294,7 @@ Path(sys.argv[2]).write_text(json.dumps(summary))
 @pytest.mark.system
 def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
     """On a really full tmpfs the journal raises nothing, reports once, flushes once freed."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs in a private mount namespace")
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1) from util-linux")
+    require("root", "unshare")
     script = tmp_path / "fill.py"
     script.write_text(textwrap.dedent(ENOSPC_SCRIPT))
     mnt = tmp_path / "mnt"
@@ -256,8 +312,6 @@ def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)},
         check=False,
     )
-    if proc.returncode != 0 and "unshare failed" in proc.stderr:
-        pytest.skip(f"no private mount namespace here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(result.read_text())
     assert False in out["results"]  # the disk really was full

@@ -19,7 +19,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -30,16 +29,11 @@ import pytest
 
 from supervisor.core.model import Integrity
 from supervisor.shell.verify import verify_checkpoint
-from tests.integration.childkit import REPO_ROOT
-from tests.integration.supervised import (
-    Job,
-    SupervisorProcess,
-    assert_bit_identical,
-    events,
-    supervisor_process,
-    wait_for,
-    write_config,
-)
+from tests.support.capabilities import require
+from tests.support.jobs import Job, write_config
+from tests.support.outputs import assert_bit_identical, events
+from tests.support.processes import REPO_ROOT, wait_for
+from tests.support.supervised import SupervisorProcess, supervisor_process
 from trainer_child.errors import ErrorReserve
 from trainer_child.protocol import COMMIT_RECORD, RunStateFile, checkpoint_step, read_model
 
@@ -50,14 +44,6 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 #: plus .warden's small files (lock, state, journal, heartbeat and its temp file,
 #: job), the attempt logs and HF's README.md in output_dir, measured at 12-24 KiB.
 OVERHEAD_BYTES = ErrorReserve.SIZE + 20 * 1024
-
-
-def _namespace_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to mount a tmpfs in a private mount namespace"
-    if shutil.which("unshare") is None:
-        return "needs unshare(1) from util-linux"
-    return None
 
 
 def _on_tmpfs(mountpoint: Path, size: int, copy_to: Path) -> Callable[[list[str]], list[str]]:
@@ -138,8 +124,7 @@ def test_enospc_on_a_tmpfs_too_small_for_keep_last_plus_one(
     tmp_path: Path, env: dict[str, str], reference_final: Callable[..., Path]
 ) -> None:
     """Real ENOSPC mid-save: the newest valid checkpoint always survives; final is bit-identical."""
-    if problem := _namespace_problem():
-        pytest.skip(problem)
+    require("root", "unshare")
     reference = reference_final()
     checkpoint, final = _sizes(reference)
     keep_last = 2
@@ -223,8 +208,7 @@ def test_waits_for_disk_and_resumes_once_space_is_freed(
     tmp_path: Path, env: dict[str, str], reference_final: Callable[..., Path]
 ) -> None:
     """No room for another checkpoint: wait for disk, surviving ENOSPC itself; resume when freed."""
-    if problem := _namespace_problem():
-        pytest.skip(problem)
+    require("root", "unshare")
     reference = reference_final()
     checkpoint, final = _sizes(reference)
     # Once the ballast is gone the rest of the run fits: keep_last (3) checkpoints,

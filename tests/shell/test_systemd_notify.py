@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from supervisor.shell.systemd import (
-    FakeNotifier,
     Notifier,
     SystemdNotifier,
     child_environment,
 )
+from supervisor.shell.testing import FakeNotifier
 
 
 class FakeClock:
@@ -193,24 +193,21 @@ def test_child_environment_drops_notify_variables() -> None:
     assert child_environment(env) == {"HF_HOME": "/c"}
 
 
-def test_fake_notifier_records_messages() -> None:
-    """The fake records the same payloads, every ping included, and satisfies Notifier."""
-    fake: Notifier = FakeNotifier(watchdog_interval=2.5, pid=5)
-    fake.ready()
-    fake.status("step 1/2")
-    fake.watchdog()
-    fake.watchdog()
-    fake.extend_timeout(2)
-    fake.stopping()
-    assert isinstance(fake, FakeNotifier)
-    assert fake.messages == [
-        "READY=1\nMAINPID=5",
-        "STATUS=step 1/2",
-        "WATCHDOG=1",
-        "WATCHDOG=1",
-        "EXTEND_TIMEOUT_USEC=2000000",
-        "STOPPING=1",
-    ]
-    assert fake.statuses == ["step 1/2"]
-    assert fake.pings == 2
-    assert fake.watchdog_interval() == 2.5
+def test_fake_notifier_records_exactly_what_the_real_one_sends(listener: Listener) -> None:
+    """For the same calls, FakeNotifier records the very datagrams SystemdNotifier sends."""
+    env = {"NOTIFY_SOCKET": listener.notify_socket, "WATCHDOG_USEC": "5000000"}
+    real = SystemdNotifier(env, pid=5, clock=FakeClock())
+    fake = FakeNotifier(watchdog_interval=real.watchdog_interval(), pid=5)
+    notifiers: list[Notifier] = [real, fake]
+    for notifier in notifiers:
+        notifier.ready()
+        notifier.status("step 1/2\nsecond line")
+        notifier.watchdog()
+        notifier.extend_timeout(2)
+        notifier.stopping()
+    sent = listener.receive_all()
+    assert sent == fake.messages
+    assert sent[1] == "STATUS=step 1/2 second line"
+    assert fake.statuses == ["step 1/2 second line"]
+    assert fake.pings == 1
+    assert fake.watchdog_interval() == real.watchdog_interval() == 2.5
