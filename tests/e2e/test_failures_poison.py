@@ -10,7 +10,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +20,12 @@ from tests.support.jobs import FAST_RESTART, write_config
 from tests.support.outputs import assert_bit_identical, events
 from tests.support.processes import REPO_ROOT, wait_for
 from tests.support.supervised import supervisor_process
-from trainer_child.protocol import COMMIT_RECORD, checkpoint_step
+from trainer_child.protocol import checkpoint_step
 
 pytestmark = pytest.mark.slow
 
-#: Attempt 1 pauses 3 s at the start of step 9, so SIGTERM after checkpoint-8 lands there.
+#: Attempt 1 pauses 3 s at the start of step 9; the failpoint notes its fire in
+#: .warden/failpoints.json first, which is when SIGTERM is sent: it lands in step 9.
 PAUSE_AT_STEP_9 = {"TRAINWARDEN_FAILPOINTS": "slow_step@step=9,seconds=3,times=1"}
 _ZIP_LOCAL_HEADER = 30
 
@@ -40,14 +40,7 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -
     root = tmp_path_factory.mktemp("stopped-run")
     job = write_config(root, env=PAUSE_AT_STEP_9)
     with supervisor_process(job, env) as proc:
-        wait_for(
-            lambda: (
-                (job.output_dir / "checkpoint-8" / COMMIT_RECORD).exists()
-                or proc.proc.poll() is not None
-            ),
-            120,
-        )
-        time.sleep(0.7)
+        wait_for(lambda: job.layout.failpoints.exists() or proc.proc.poll() is not None, 120)
         proc.signal(signal.SIGTERM)
         code = proc.wait(60)
         assert code == 0, proc.log()

@@ -18,6 +18,7 @@ from tests.support.supervised import SupervisorProcess, supervisor_process
 from trainer_child.protocol import (
     COMMIT_RECORD,
     CommitRecord,
+    Layout,
     RunStateFile,
     checkpoint_step,
     read_model,
@@ -38,9 +39,13 @@ def _committed(output_dir: Path) -> dict[int, CommitRecord]:
     return found
 
 
-def _ready(output_dir: Path, proc: SupervisorProcess) -> bool:
-    """checkpoint-4 is committed (or the supervisor already ended)."""
-    return (output_dir / "checkpoint-4" / COMMIT_RECORD).exists() or proc.proc.poll() is not None
+def _in_step_6(output_dir: Path, proc: SupervisorProcess) -> bool:
+    """Step 6's slow_step failpoint has fired: the child sleeps inside step 6 now.
+
+    The failpoint records its fire in .warden/failpoints.json before it sleeps,
+    so the file's appearance is the event (or the supervisor ended: reported later).
+    """
+    return Layout(output_dir).failpoints.exists() or proc.proc.poll() is not None
 
 
 def test_sigterm_saves_an_emergency_checkpoint_and_the_next_run_resumes_from_it(
@@ -51,19 +56,11 @@ def test_sigterm_saves_an_emergency_checkpoint_and_the_next_run_resumes_from_it(
     job = write_config(
         tmp_path,
         preemption={"grace": f"{grace}s"},
-        # Step 6 of the first attempt starts with a 2 s pause: SIGTERM lands in step 5
-        # or 6, never on a periodic save.
+        # Step 6 of the first attempt starts with a 2 s pause, in which SIGTERM lands.
         env={"TRAINWARDEN_FAILPOINTS": "slow_step@step=6,seconds=2,times=1"},
     )
     with supervisor_process(job, env) as proc:
-        wait_for(
-            lambda: (
-                (job.output_dir / "checkpoint-4" / COMMIT_RECORD).exists()
-                or proc.proc.poll() is not None
-            ),
-            120,
-        )
-        time.sleep(0.7)
+        wait_for(partial(_in_step_6, job.output_dir, proc), 120)
         proc.signal(signal.SIGTERM)
         sent = time.monotonic()
         code = proc.wait(grace + 30)
@@ -72,17 +69,18 @@ def test_sigterm_saves_an_emergency_checkpoint_and_the_next_run_resumes_from_it(
 
     print(f"SIGTERM -> supervisor exit: {took:.2f}s (grace {grace:.0f}s)")
     assert code == 0, log
-    assert took < grace
     committed = _committed(job.output_dir)
     newest = max(committed)
     assert committed[newest].reason == "emergency"
-    assert newest % SAVE_STEPS != 0
+    assert newest > 5
     assert newest > max(s for s, r in committed.items() if r.reason == "periodic")
     beat = heartbeat(job.layout)
     assert beat is not None
     assert beat.step == newest  # nothing trained beyond what was saved
     first = events(job.layout)
     assert not [e for e in first if e["event"] == "failure"]
+    # Saved within the grace: the supervisor never had to escalate to SIGKILL.
+    assert not [e for e in first if e["event"] == "escalated"]
     assert first[-1]["event"] == "preempted"
     assert first[-1]["checkpoint"] == newest
     state = read_model(job.layout.state, RunStateFile)
@@ -132,15 +130,14 @@ def test_a_child_that_cannot_save_in_time_is_killed_and_the_supervisor_exits_0(
             name: stack.enter_context(supervisor_process(job, env)) for name, job in jobs.items()
         }
         for name, proc in procs.items():
-            wait_for(partial(_ready, jobs[name].output_dir, proc), 120)
-        time.sleep(0.7)
+            wait_for(partial(_in_step_6, jobs[name].output_dir, proc), 120)
         children, sent = {}, {}
         for name, proc in procs.items():
             children[name] = heartbeat(jobs[name].layout)
             proc.signal(signal.SIGTERM)
             sent[name] = time.time()
         second = jobs["second_sigterm"].layout
-        wait_for(lambda: any(e["event"] == "preempt_requested" for e in events(second)), 10)
+        wait_for(lambda: any(e["event"] == "preempt_requested" for e in events(second)), 60)
         procs["second_sigterm"].signal(signal.SIGTERM)
         results = {name: (proc.wait(90), proc.log()) for name, proc in procs.items()}
 
@@ -162,9 +159,10 @@ def test_a_child_that_cannot_save_in_time_is_killed_and_the_supervisor_exits_0(
         print(
             f"{name}: SIGTERM -> child killed, supervisor exiting: {took:.2f}s (grace {grace:.0f}s)"
         )
-        if name == "grace_runs_out":
-            assert grace <= took < grace + 5
-        else:
-            assert took < 10
+        # The order of events says what triggered SIGKILL: our SIGTERM was forwarded
+        # first, then either the second SIGTERM or the deadline (see "why" above).
+        names = [e["event"] for e in journal]
+        assert names.index("preempt_requested") < names.index("escalated")
+        assert names.index("escalated") < names.index("preempted")
         # No emergency checkpoint could be written; the periodic one is intact.
         assert max(_committed(jobs[name].output_dir)) == SAVE_STEPS

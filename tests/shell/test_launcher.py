@@ -26,6 +26,8 @@ from supervisor.shell.testing import FakeLauncher
 from tests.support.processes import wait_for
 
 PY = sys.executable
+#: A grace stop() would only use up if SIGTERM failed; the test's own timeout ends it first.
+GRACE_NEVER_REACHED = 300.0
 Exits = queue.SimpleQueue[tuple[int, int]]
 
 
@@ -188,8 +190,7 @@ def test_stop_sigkills_group_that_ignores_sigterm(
         assert os.getpgid(grandchild) == handle.pid
         started = time.monotonic()
         launcher.stop(handle.pid, grace=0.5)
-        elapsed = time.monotonic() - started
-        assert 0.5 <= elapsed < 5.0
+        assert time.monotonic() - started >= 0.5  # the grace was given before SIGKILL
         # on_exit has already run when stop() returns.
         assert exits.get_nowait() == (handle.pid, -signal.SIGKILL)
         assert live_group_members(handle.pid) == []
@@ -210,9 +211,8 @@ def test_stop_returns_early_when_child_honours_sigterm(
     handle = spawn(launcher, tmp_path, SLEEPER, exits)
     try:
         wait_for((tmp_path / "ready").exists, 30)
-        started = time.monotonic()
-        launcher.stop(handle.pid, grace=20.0)
-        assert time.monotonic() - started < 5.0
+        launcher.stop(handle.pid, grace=GRACE_NEVER_REACHED)
+        # Died of our SIGTERM, reported by the time stop() returned: no SIGKILL needed.
         assert exits.get_nowait() == (handle.pid, -signal.SIGTERM)
     finally:
         kill_quietly(handle.pid)
@@ -226,9 +226,8 @@ def test_stop_continues_a_sigstopped_child(launcher: ProcessLauncher, tmp_path: 
         wait_for((tmp_path / "ready").exists, 30)
         launcher.signal_group(handle.pid, signal.SIGSTOP)
         wait_for(lambda: launcher.process_stopped(handle.pid), 30)
-        started = time.monotonic()
-        launcher.stop(handle.pid, grace=20.0)
-        assert time.monotonic() - started < 5.0
+        launcher.stop(handle.pid, grace=GRACE_NEVER_REACHED)
+        # Died of our SIGTERM, reported by the time stop() returned: no SIGKILL needed.
         assert exits.get_nowait() == (handle.pid, -signal.SIGTERM)
     finally:
         kill_quietly(handle.pid)

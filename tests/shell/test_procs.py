@@ -14,6 +14,7 @@ import pytest
 
 from supervisor.shell import procs
 from supervisor.shell.lock import RunLock
+from tests.support.processes import start_exec
 from trainer_child.protocol import ENV_OUTPUT_DIR, Layout, RunStateFile
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -25,7 +26,8 @@ class Orphan:
     def __init__(self, layout: Layout, output_dir_env: str) -> None:
         lock = RunLock(layout.lock)
         assert lock.acquire()
-        self.proc = subprocess.Popen(
+        # Judged only once exec'd: before, /proc/PID shows pytest's own environ.
+        self.proc = start_exec(
             SLEEP,
             pass_fds=(lock.fd,),
             start_new_session=True,
@@ -34,12 +36,6 @@ class Orphan:
         lock.release()  # the supervisor "dies"; the child's copy keeps the lock
         self.pid = self.proc.pid
         self.create_time = psutil.Process(self.pid).create_time()
-        # Until exec, /proc/PID shows pytest's own environ and cmdline; under load
-        # find_orphan could look in that window and rightly reject the process.
-        deadline = time.monotonic() + 10
-        while psutil.Process(self.pid).cmdline() != list(SLEEP):
-            assert time.monotonic() < deadline, "orphan never exec'd"
-            time.sleep(0.005)
 
     def kill(self) -> None:
         """SIGKILL and reap the child (idempotent)."""
@@ -110,7 +106,7 @@ def test_child_of_another_output_dir_is_not_ours(layout: Layout, tmp_path: Path)
 
 def test_free_lock_means_no_orphan(layout: Layout) -> None:
     """A live process named in state.json does not count if nobody holds the lock."""
-    proc = subprocess.Popen(SLEEP, env={**os.environ, ENV_OUTPUT_DIR: str(layout.output_dir)})
+    proc = start_exec(SLEEP, env={**os.environ, ENV_OUTPUT_DIR: str(layout.output_dir)})
     try:
         state = state_for(proc.pid, psutil.Process(proc.pid).create_time())
         assert procs.find_orphan(layout, state) is None
@@ -121,8 +117,9 @@ def test_free_lock_means_no_orphan(layout: Layout) -> None:
 
 def test_supervisor_alive_recognises_a_live_python_peer() -> None:
     """A live python peer counts as a supervisor; we, the dead and non-python do not."""
-    peer = subprocess.Popen(SLEEP)
-    other = subprocess.Popen(["sleep", "60"])
+    # Both exec'd first: a fork not yet exec'd is still this (python) test process.
+    peer = start_exec(SLEEP)
+    other = start_exec(["sleep", "60"])
     try:
         assert procs.supervisor_alive(RunStateFile(supervisor_pid=peer.pid))
         assert not procs.supervisor_alive(RunStateFile(supervisor_pid=os.getpid()))
