@@ -236,7 +236,7 @@ def _make_room(state: State) -> tuple[State, list[Action], list[Action]]:
     free = _predicted_free(state, freeing)
     if free >= need:
         return state, freeing, []
-    text = f"waiting for disk: need {_size(need)}, have {_size(free)}"
+    text = f"waiting for disk: need {human_size(need)}, have {human_size(free)}"
     state = replace(state, mode=Mode.WAITING_DISK, status=text, child=None)
     return (
         state,
@@ -684,7 +684,7 @@ def _tick_waiting_disk(state: State, tick: Tick, now: float) -> Decision:
     need = _disk_need(state)
     if tick.disk.free >= need:
         return _launch(state, now, counted=True)
-    text = f"waiting for disk: need {_size(need)}, have {_size(tick.disk.free)}"
+    text = f"waiting for disk: need {human_size(need)}, have {human_size(tick.disk.free)}"
     if text == state.status:
         return state, []
     # Persisted too: `trainwarden status` reads state.json, and a failed write
@@ -905,7 +905,8 @@ def _override_fields(overrides: Overrides) -> dict[str, object]:
     return {k: v for k, v in overrides.model_dump().items() if v is not None}
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
+    """Bytes for people: ``512 B``, ``1.5 MiB``."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
@@ -996,5 +997,6 @@ __all__ = [
     "IllegalTransition",
     "decide",
     "hang_limit",
+    "human_size",
     "status_line",
 ]
