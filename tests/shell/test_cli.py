@@ -2,7 +2,7 @@
 
 ``status``, ``checkpoints`` and ``prune`` read only files, so their output
 directories are built here from the real writers (``FileJournal``,
-``atomic_write_model``, ``tests/checkpoint_factory.py``) instead of by training.
+``atomic_write_model``, ``tests/support/checkpoints.py``) instead of by training.
 They run in-process through typer's runner (a wide terminal, so rich does not
 wrap rows); ``run`` and the import check run as real processes.
 """
