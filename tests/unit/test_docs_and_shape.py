@@ -14,6 +14,7 @@ import ast
 import inspect
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,11 +48,12 @@ def _lookup(reference: str) -> Any:
     assert match is not None
     namespace = {"FailureKind": FailureKind, "Mode": Mode, "Outcome": Outcome, **vars(model)}
     key = eval(match.group("key"), namespace)
-    table: dict[Any, Any] = {
-        "REMEDIES": dict(REMEDIES),
-        "OUTCOMES": dict(OUTCOMES),
-        "TRANSITIONS": dict(TRANSITIONS),
-    }[match.group("table")]
+    tables: dict[str, Mapping[Any, Any]] = {
+        "REMEDIES": REMEDIES,
+        "OUTCOMES": OUTCOMES,
+        "TRANSITIONS": TRANSITIONS,
+    }
+    table = tables[match.group("table")]
     assert key in table, f"{reference}: no such row"
     return table[key]
 
