@@ -133,10 +133,10 @@ class _Tally:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when == "call" or (report.when == "setup" and report.failed):
-        _Tally.ran += 1
-    elif report.skipped:
+    if report.skipped:
         _Tally.absent.append(_skip_reason(report))
+    elif report.when == "call" or (report.when == "setup" and report.failed):
+        _Tally.ran += 1
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
