@@ -29,7 +29,7 @@ from supervisor.shell.journal import journal_entry
 from supervisor.shell.launcher import ChildHandle, ExitCallback
 from supervisor.shell.store import RefusedError
 from supervisor.shell.systemd import one_line, usec
-from trainer_child.protocol import JobFile, RunStateFile, checkpoint_name
+from trainer_child.protocol import JobFile, Phase, RunStateFile, checkpoint_name
 
 __all__ = [
     "FakeCheckpointStore",
@@ -393,9 +393,15 @@ class FakeEvidence:
 
 
 class FakeHeartbeat:
-    """A heartbeat the test sets in ``view`` (None: the child has not written one)."""
+    """A heartbeat the test sets in ``view``; until then, the real monitor's ``load`` view.
 
-    def __init__(self) -> None:
+    Like ``HeartbeatMonitor``: nothing before the first ``reset``, and after it,
+    until the child "writes" one, phase ``load`` at step 0, aged from the
+    child's start on ``clock``.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self.view: HeartbeatView | None = None
         self.resets: list[tuple[int, int]] = []
 
@@ -405,8 +411,13 @@ class FakeHeartbeat:
         self.view = None
 
     def poll(self, child_started_at: float) -> HeartbeatView | None:
-        """Return ``view``."""
-        return self.view
+        """Return ``view``, or the ``load`` view of a child that has not written one yet."""
+        if not self.resets:
+            return None
+        if self.view is not None:
+            return self.view
+        age = max(0.0, self._clock() - child_started_at)
+        return HeartbeatView(step=0, max_steps=None, phase=Phase.LOAD, age=age)
 
 
 # --- watcher ------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ def make_rig(fates: list[Callable[[FakeSpawn], int]]) -> Rig:
         run_dir=FakeRunDir(OUTPUT_DIR),
         lock=FakeLock(fd=LOCK_FD),
         peers=FakePeers(),
-        heartbeat=FakeHeartbeat(),
+        heartbeat=FakeHeartbeat(clock=clock),
         evidence=FakeEvidence(),
         watcher=FakeWatchers(),
         signals=FakeSignals(),
