@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -38,7 +39,12 @@ from trainer_child.protocol import (
 
 
 def _alive(pid: int | None) -> bool:
-    return bool(pid) and process_alive(pid or 0)
+    if not pid:
+        return False
+    try:
+        return process_alive(pid)
+    except psutil.Error:  # e.g. AccessDenied: status only guesses, it must not fail
+        return False
 
 
 def gather_status(output_dir: Path) -> dict[str, Any]:
