@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck pytest demo bench clean
+.PHONY: venv test lint typecheck pytest unit-sealed demo bench clean
 
 venv: $(STAMP)
 
@@ -25,10 +25,16 @@ typecheck: venv
 	$(BIN)/mypy
 
 # Two workers (one a core); whole files stay on one worker so module fixtures are
-# shared. Tests that really OOM-kill in a memory cgroup run alone afterwards.
+# shared. Tests that really OOM-kill in a memory cgroup run alone afterwards;
+# --require-run makes that stage fail if it ran nothing (see tests/conftest.py).
 pytest: venv
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial"
-	$(BIN)/python -m pytest -m serial
+	$(BIN)/python -m pytest -m serial --require-run
+
+# tests/unit in a mount namespace where every filesystem is read-only and /proc
+# is empty: proof that the unit tests write nothing and read no /proc (root only).
+unit-sealed: venv
+	tests/system/run_sealed.sh $(BIN)/python -m pytest tests/unit -q -p no:cacheprovider --capture=sys
 
 test: lint typecheck pytest
 

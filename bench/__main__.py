@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import re
 import shutil
 import time
@@ -25,18 +26,24 @@ from bench import advice, detection, goodput, overhead, restart, validation
 from bench.common import (
     FULL,
     QUICK,
-    REPO_ROOT,
-    Proc,
     Sizes,
     Workspace,
-    bare_argv,
     median,
     sft,
-    write_job,
 )
 from bench.overhead import Calibration, cold_start, save_seconds, steady_rate
-from bench.report import Section, machine, machine_line, render, write_json, write_markdown
+from bench.report import (
+    Row,
+    Section,
+    machine,
+    machine_line,
+    render,
+    write_json,
+    write_markdown,
+)
 from bench.runs import RunRecord, run_job
+from tests.support.jobs import trainer_child_argv, write_job
+from tests.support.processes import REPO_ROOT, Process
 
 KEYS = (
     "detection",
@@ -83,7 +90,37 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="where results.json and RESULTS.md go (default bench/)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument(
+        "--rejudge",
+        action="store_true",
+        help="run nothing: re-apply today's verdict rules to OUT/results.json, rewrite both files",
+    )
     return parser.parse_args(argv)
+
+
+def rejudge(out: Path) -> int:
+    """Re-apply the verdict rules to the stored samples of the last run; rewrite its files."""
+    document = json.loads((out / "results.json").read_text())
+    sections = [
+        Section(
+            key=raw["key"],
+            title=raw["title"],
+            rows=[Row(**row) for row in raw["rows"]],
+            notes=[note for note in raw["notes"] if not note.startswith("verdict ")],
+            data=raw["data"],
+            seconds=raw["seconds"],
+            error=raw["error"],
+        )
+        for raw in document.pop("sections")
+    ]
+    for section in sections:
+        if section.key == "overhead" and "pair_ratios" in section.data:
+            overhead.judge(section, section.data["pair_ratios"], section.data["ratio"])
+    document["rejudged_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    write_json(out / "results.json", document, sections)
+    write_markdown(out / "RESULTS.md", document, sections)
+    render(sections, f"trainwarden bench ({document['mode']}, re-judged)", Console())
+    return 0
 
 
 def calibrate(ws: Workspace) -> Calibration:
@@ -94,7 +131,7 @@ def calibrate(ws: Workspace) -> Calibration:
         folder / "job.json", folder / "out", sft(max_steps=steps, save_steps=20, logging_steps=60)
     )
     record = run_job(
-        Proc(bare_argv(job), ws.env, folder / "child.log"),
+        Process(trainer_child_argv(job), ws.env, folder / "child.log"),
         folder / "out",
         label="calibration",
         system="bare",
@@ -161,6 +198,8 @@ class Suite:
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; exit 1 if a benchmark could not produce its figures."""
     options = _parse(argv)
+    if options.rejudge:
+        return rejudge(options.out)
     sizes = QUICK if options.quick else FULL
     wanted = [k.strip() for k in options.only.split(",") if k.strip()] or list(KEYS)
     unknown = sorted(set(wanted) - set(KEYS))

@@ -37,15 +37,11 @@ from typing import Any
 import psutil
 
 from bench.common import (
-    Proc,
     Sizes,
     Workspace,
     median,
-    read_heartbeat,
     sft,
-    supervisor_argv,
     train_config,
-    write_config,
 )
 from bench.killer import KillPlan
 from bench.overhead import Calibration, save_seconds
@@ -53,6 +49,9 @@ from bench.report import Section
 from bench.runs import RunRecord, newest_complete_step, run_job
 from supervisor.core.advice import advised_save_steps, young_daly_interval
 from supervisor.report import gather_status
+from tests.support.jobs import supervisor_argv, write_yaml
+from tests.support.outputs import heartbeat
+from tests.support.processes import Process
 from trainer_child.protocol import Phase
 
 SLOW_STEP = 0.05
@@ -67,7 +66,7 @@ NEAR_BEST = 0.9
 
 def _at_window(output_dir: Path) -> dict[str, Any]:
     """Progress and status advice at the window's end, before anything is stopped."""
-    beat = read_heartbeat(output_dir)
+    beat = heartbeat(output_dir)
     committed = newest_complete_step(output_dir, require_record=True)
     reached = committed
     if beat is not None and beat.phase in (Phase.TRAIN, Phase.SAVE):
@@ -109,8 +108,8 @@ def run(ws: Workspace, sizes: Sizes, calibration: Calibration) -> tuple[Section,
             # under frequent kills is exactly "no progress" by design.
             restart={"max_restarts": 10_000, "no_progress_limit": 10_000},
         )
-        config = write_config(folder / "job.yaml", document)
-        proc = Proc(supervisor_argv(config), ws.env, folder / "supervisor.log")
+        config = write_yaml(folder / "job.yaml", document)
+        proc = Process(supervisor_argv(config), ws.env, folder / "supervisor.log")
         record = run_job(
             proc,
             out,

@@ -2,7 +2,7 @@
 
 Run: ``python bench/bench_hash.py [--mib 256] [--rounds 5]`` (about 10-20 s).
 
-The figures decide two things in DESIGN.md: which hash the commit record uses,
+The figures decide two things in docs/architecture.md: which hash the commit record uses,
 and whether checking torch.save's zip CRC-32s on every verify is affordable.
 Everything is measured in the page cache (the files are read once before
 timing), which is the case that matters: the supervisor verifies a checkpoint

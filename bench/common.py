@@ -1,7 +1,8 @@
-"""What every benchmark shares: sizes, the offline environment, jobs, processes, statistics.
+"""What every benchmark shares: sizes, jobs, statistics, the naive baseline.
 
-Processes are started in their own session and always killed (by the pids this
-module started and their descendants, never by name) when a benchmark ends.
+Processes, the offline environment, job files and journal readers come from
+``tests/support`` (shared with the test suite): processes are started in their
+own session and always killed (by pid, never by name) when a benchmark ends.
 All timestamps are ``time.time()``: the journal's ``ts``, the heartbeat's
 ``wall_time`` and ``marks``, and the kill times all use the same wall clock of
 the one machine, so their differences are latencies.
@@ -9,28 +10,20 @@ the one machine, so their differences are latencies.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-import yaml
+from tests.support.jobs import PYTHON, child_env
+from tests.support.processes import REPO_ROOT
+from trainer_child.protocol import Heartbeat, Layout, read_model
 
-from trainer_child.protocol import Heartbeat, JobFile, Layout, read_model
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
 MB = 1_000_000
 MIB = 1 << 20
 
@@ -133,30 +126,6 @@ def ratio(numerator: float, denominator: float) -> float:
 # --- the offline environment ---------------------------------------------------------
 
 
-def child_env(cache_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """An offline, single-threaded environment that builds the built-in model under cache_home.
-
-    One thread per child: the same float reductions in every run, and a child
-    leaves the second core to the supervisor (or to the other engineers' load).
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINWARDEN_")}
-    env.update(
-        {
-            "XDG_CACHE_HOME": str(cache_home),
-            "HF_HOME": str(cache_home / "hf"),
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(REPO_ROOT),
-        }
-    )
-    env.update(extra or {})
-    return env
-
-
 @dataclass
 class Workspace:
     """The bench's scratch folder (default runs/bench, git-ignored) and its environment."""
@@ -219,21 +188,6 @@ def sft(**fields: Any) -> dict[str, Any]:
     return {**BASE_SFT, **fields}
 
 
-def write_job(path: Path, output_dir: Path, sft_fields: Mapping[str, Any]) -> Path:
-    """Write a ``protocol.JobFile`` for ``python -m trainer_child --job``."""
-    job = JobFile.model_validate(
-        {"output_dir": str(output_dir), "train": {"sft": dict(sft_fields)}}
-    )
-    path.write_text(job.model_dump_json(indent=1))
-    return path
-
-
-def write_config(path: Path, document: Mapping[str, Any]) -> Path:
-    """Write a trainwarden job file (YAML)."""
-    path.write_text(yaml.safe_dump(dict(document), sort_keys=False))
-    return path
-
-
 def train_config(
     output_dir: Path,
     sft_fields: Mapping[str, Any],
@@ -255,23 +209,6 @@ def train_config(
 
 
 # --- reading what a run wrote -------------------------------------------------------------
-
-
-def read_events(output_dir: Path) -> list[dict[str, Any]]:
-    """Every journal line, parsed (torn or unparsable lines skipped)."""
-    try:
-        lines = Layout(output_dir).events.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    events = []
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            events.append(json.loads(line))
-    return events
-
-
-def read_heartbeat(output_dir: Path) -> Heartbeat | None:
-    return read_model(Layout(output_dir).heartbeat, Heartbeat)
 
 
 class HeartbeatRecorder:
@@ -336,102 +273,6 @@ def is_trainer_child(cmdline: Sequence[str]) -> bool:
     )
 
 
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return list(psutil.Process(pid).children(recursive=True))
-    except psutil.Error:
-        return []
-
-
-def live_children(root_pid: int, match: Callable[[Sequence[str]], bool]) -> list[psutil.Process]:
-    """Descendants of ``root_pid`` whose command line ``match``es and that are not zombies."""
-    found = []
-    for proc in descendants(root_pid):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and match(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-class Proc:
-    """One process this bench started, in its own session, output to a log file.
-
-    ``close`` kills it, its process group and every descendant seen while it
-    ran (the supervisor's child leads its own group), then reaps it.
-    """
-
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
-        self.argv = list(argv)
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
-        self.started = time.time()
-        self.popen = subprocess.Popen(
-            self.argv,
-            env=dict(env),
-            cwd=REPO_ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.psutil = psutil.Process(self.popen.pid)
-        self._seen: set[int] = set()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def poll(self) -> int | None:
-        self._seen.update(p.pid for p in descendants(self.pid))
-        return self.popen.poll()
-
-    def wait(self, timeout: float) -> int | None:
-        """Return the exit status, or None if still running after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            code = self.poll()
-            if code is not None:
-                return code
-            time.sleep(0.05)
-        return None
-
-    def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signum)
-
-    def close(self) -> None:
-        self.poll()
-        pids = {self.pid, *self._seen}
-        for pid in sorted(pids):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.getpgid(pid) == pid:
-                    os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=30)
-        self._log.close()
-
-
-@contextlib.contextmanager
-def started(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> Iterator[Proc]:
-    """Run a process for the duration of the block; it and its descendants die at the end."""
-    proc = Proc(argv, env, log_path)
-    try:
-        yield proc
-    finally:
-        proc.close()
-
-
-def supervisor_argv(config: Path) -> list[str]:
-    return [PYTHON, "-m", "supervisor", "run", str(config), "--log-format", "json"]
-
-
-def bare_argv(job: Path) -> list[str]:
-    return [PYTHON, "-m", "trainer_child", "--job", str(job)]
-
-
 #: The restart loop users write today around a plain HF script, verbatim but for
 #: one care: ``--resume-from`` is passed only when there is a checkpoint.
 NAIVE_LOOP = """\
@@ -473,30 +314,17 @@ __all__ = [
     "MB",
     "MIB",
     "NAIVE_LOOP",
-    "PYTHON",
     "QUICK",
-    "REPO_ROOT",
     "HeartbeatRecorder",
-    "Proc",
     "Sizes",
     "Workspace",
-    "bare_argv",
-    "child_env",
-    "descendants",
     "fmt_seconds",
     "is_trainer_child",
-    "live_children",
     "marks_of",
     "median",
     "naive_argv",
     "quantile",
     "ratio",
-    "read_events",
-    "read_heartbeat",
     "sft",
-    "started",
-    "supervisor_argv",
     "train_config",
-    "write_config",
-    "write_job",
 ]

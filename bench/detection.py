@@ -26,23 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    PYTHON,
-    REPO_ROOT,
     Sizes,
     Workspace,
     fmt_seconds,
-    live_children,
     median,
     quantile,
-    read_events,
-    read_heartbeat,
-    started,
-    supervisor_argv,
-    write_config,
 )
 from bench.report import Section, verdict_of
 from bench.runs import RunRecord
 from supervisor.loop import TICK_SECONDS
+from tests.support.jobs import PYTHON, supervisor_argv, write_yaml
+from tests.support.outputs import events, heartbeat
+from tests.support.processes import REPO_ROOT, live_descendants, run_process
 
 HANG_TIMEOUT = 1.0
 TARGET_P95 = 0.100
@@ -67,26 +62,26 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def _running_child(sup_pid: int, output_dir: Path, seen: set[int]) -> int | None:
     """A new fake child that the supervisor has registered and that has heartbeaten."""
-    children = [p.pid for p in live_children(sup_pid, _is_fake_child) if p.pid not in seen]
+    children = [p.pid for p in live_descendants(sup_pid, _is_fake_child) if p.pid not in seen]
     if not children:
         return None
     pid = children[0]
-    beat = read_heartbeat(output_dir)
+    beat = heartbeat(output_dir)
     registered = any(
-        e["event"] == "child_started" and e.get("pid") == pid for e in read_events(output_dir)
+        e["event"] == "child_started" and e.get("pid") == pid for e in events(output_dir)
     )
     return pid if beat is not None and beat.pid == pid and registered else None
 
 
 def _event_for(output_dir: Path, event: str, pid: int | None = None) -> dict[str, Any] | None:
-    for entry in reversed(read_events(output_dir)):
+    for entry in reversed(events(output_dir)):
         if entry["event"] == event and (pid is None or entry.get("pid") == pid):
             return entry
     return None
 
 
 def _all(output_dir: Path, event: str) -> list[dict[str, Any]]:
-    return [e for e in read_events(output_dir) if e["event"] == event]
+    return [e for e in events(output_dir) if e["event"] == event]
 
 
 def _nth(output_dir: Path, event: str, index: int) -> dict[str, Any] | None:
@@ -95,7 +90,7 @@ def _nth(output_dir: Path, event: str, index: int) -> dict[str, Any] | None:
 
 
 def _config(folder: Path, argv: list[str]) -> Path:
-    return write_config(
+    return write_yaml(
         folder / "job.yaml",
         {
             "output_dir": str(folder / "run"),
@@ -121,7 +116,7 @@ def _measure(
     kill_latency: list[float] = []
     hang_latency: list[float] = []
     seen: set[int] = set()
-    with started(supervisor_argv(config), ws.env, folder / "supervisor.log") as sup:
+    with run_process(supervisor_argv(config), ws.env, folder / "supervisor.log") as sup:
         for _ in range(kills):
             pid = _wait(lambda: _running_child(sup.pid, output_dir, seen), 60, "fake child")
             seen.add(pid)
@@ -137,14 +132,14 @@ def _measure(
             seen.add(pid)
             time.sleep(rng.uniform(0.0, 1.0))
             os.kill(pid, signal.SIGSTOP)
-            last = read_heartbeat(output_dir)
+            last = heartbeat(output_dir)
             before = len(_all(output_dir, "hang_detected"))
             hang = _wait(partial(_nth, output_dir, "hang_detected", before), 30, "hang_detected")
             if last is not None and last.pid == pid:
                 hang_latency.append(hang["ts"] - last.wall_time)
             _wait(partial(_event_for, output_dir, "failure", pid), 30, "hang failure")
         sup.signal(signal.SIGTERM)
-        sup.wait(15)
+        sup.exit_within(15)
     return kill_latency, hang_latency
 
 

@@ -32,21 +32,19 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    Proc,
     Sizes,
     Workspace,
     fmt_seconds,
     naive_argv,
     sft,
-    supervisor_argv,
     train_config,
-    write_config,
-    write_job,
 )
 from bench.killer import KillPlan
 from bench.overhead import Calibration
 from bench.report import Section, verdict_of
 from bench.runs import RunRecord, newest_complete_step, run_job
+from tests.support.jobs import supervisor_argv, write_job, write_yaml
+from tests.support.processes import Process
 from trainer_child.protocol import ENV_FAILPOINTS
 
 #: Each torch.save of a checkpoint sleeps this long first (four per checkpoint).
@@ -85,10 +83,10 @@ class _Job:
     def supervised(self, label: str, plan: KillPlan | None, cap: float) -> RunRecord:
         folder = self.ws.fresh(label)
         out = folder / "out"
-        config = write_config(
+        config = write_yaml(
             folder / "job.yaml", train_config(out, self.fields, failpoints=self.failpoints)
         )
-        proc = Proc(supervisor_argv(config), self.ws.env, folder / "supervisor.log")
+        proc = Process(supervisor_argv(config), self.ws.env, folder / "supervisor.log")
         return run_job(proc, out, label=label, system="trainwarden", cap=cap, plan=plan)
 
     def naive(self, label: str, plan: KillPlan | None, cap: float) -> RunRecord:
@@ -97,7 +95,7 @@ class _Job:
         out.mkdir()
         job = write_job(folder / "job.json", out, self.fields)
         env = {**self.ws.env, ENV_FAILPOINTS: self.failpoints}
-        proc = Proc(naive_argv(job, out), env, folder / "loop.log")
+        proc = Process(naive_argv(job, out), env, folder / "loop.log")
         return run_job(proc, out, label=label, system="naive", cap=cap, plan=plan)
 
 

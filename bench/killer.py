@@ -26,7 +26,11 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import is_trainer_child, live_children, read_heartbeat
+from bench.common import (
+    is_trainer_child,
+)
+from tests.support.outputs import heartbeat
+from tests.support.processes import live_descendants
 from trainer_child.protocol import TRAINER_STATE, Phase
 
 
@@ -152,9 +156,9 @@ class Killer:
         since = time.time()
         while time.monotonic() < give_up:
             # The heartbeat first: a file read, where listing processes is not.
-            beat = read_heartbeat(self.output_dir)
+            beat = heartbeat(self.output_dir)
             if beat is not None and beat.phase is Phase.SAVE and beat.wall_time >= since:
-                children = live_children(self.root_pid, self.match)
+                children = live_descendants(self.root_pid, self.match)
                 if children and beat.pid == children[0].pid:
                     return not self._stop.wait(self.plan.into_save)
             if self._stop.wait(0.005):
@@ -162,7 +166,7 @@ class Killer:
         return True
 
     def _kill(self, index: int, aimed: bool) -> KillRecord:
-        children = live_children(self.root_pid, self.match)
+        children = live_descendants(self.root_pid, self.match)
         if not children:
             return KillRecord(index, time.time(), None, None, None, aimed)
         pid = children[0].pid
@@ -170,7 +174,7 @@ class Killer:
             rss_mb = children[0].memory_info().rss / 1e6
         except psutil.Error:
             rss_mb = 0.0
-        beat = read_heartbeat(self.output_dir)
+        beat = heartbeat(self.output_dir)
         own = beat is not None and beat.pid == pid
         self.targeted.add(pid)
         ts = time.time()

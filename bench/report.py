@@ -180,6 +180,14 @@ def write_markdown(path: Path, meta: dict[str, Any], sections: list[Section]) ->
         "Every comparison was measured A/B interleaved in this one run; figures are "
         "medians (p95 where stated) and ratios. What each row means: bench/README.md.",
         "",
+    ]
+    if meta.get("rejudged_at"):
+        lines += [
+            f"Verdicts re-applied {meta['rejudged_at']} to this run's stored samples "
+            "(`python -m bench --rejudge`), under the rules of bench/README.md.",
+            "",
+        ]
+    lines += [
         "| benchmark | metric | value | target | |",
         "| --- | --- | ---: | --- | :---: |",
     ]

@@ -29,7 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import fmt_seconds, median, ratio
+from bench.common import (
+    fmt_seconds,
+    median,
+    ratio,
+)
 from bench.report import Section
 from bench.runs import RunRecord
 

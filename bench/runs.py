@@ -22,14 +22,13 @@ import psutil
 
 from bench.common import (
     HeartbeatRecorder,
-    Proc,
     is_trainer_child,
-    live_children,
-    read_events,
 )
 from bench.killer import Killer, KillPlan, KillRecord
 from supervisor.core.model import Integrity
 from supervisor.shell.verify import verify_checkpoint
+from tests.support.outputs import events
+from tests.support.processes import Process, live_descendants
 from trainer_child.protocol import Heartbeat, Layout, Phase, checkpoint_step
 
 #: How often the driver looks at the processes, and samples the supervisor's RSS.
@@ -107,7 +106,7 @@ class _CrashLoopWatch:
         self.streak: list[str] = []
 
     def looping(self) -> bool:
-        now = {p.pid: p for p in live_children(self.root_pid, is_trainer_child)}
+        now = {p.pid: p for p in live_descendants(self.root_pid, is_trainer_child)}
         for pid, proc in now.items():
             if pid not in self.alive:
                 with contextlib.suppress(psutil.Error):
@@ -130,7 +129,7 @@ def _resume_arg(cmdline: Sequence[str]) -> str:
 
 
 def run_job(
-    proc: Proc,
+    proc: Process,
     output_dir: Path,
     *,
     label: str,
@@ -156,6 +155,7 @@ def run_job(
     cpu_start: tuple[float, float] | None = None
     cpu_last: tuple[float, float] | None = None
     next_sample = 0.0
+    measured = psutil.Process(proc.pid)
     with HeartbeatRecorder(output_dir) as recorder:
         if killer is not None:
             killer.__enter__()
@@ -181,8 +181,8 @@ def run_job(
                     beat = recorder.latest()
                     training = beat is not None and beat.phase in (Phase.TRAIN, Phase.SAVE)
                     with contextlib.suppress(psutil.Error):
-                        rss = proc.psutil.memory_info().rss
-                        cpu = proc.psutil.cpu_times()
+                        rss = measured.memory_info().rss
+                        cpu = measured.cpu_times()
                         usage.peak_rss = max(usage.peak_rss, rss)
                         if training:
                             usage.rss_samples.append(rss)
@@ -212,7 +212,7 @@ def run_job(
         kills=list(killer.kills) if killer is not None else [],
         beats=dict(recorder.by_pid),
         pids=list(recorder.order),
-        events=read_events(output_dir),
+        events=events(output_dir),
         footprint=usage,
         window=window_data,
     )

@@ -24,7 +24,14 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.common import MB, MIB, Sizes, Workspace, fmt_seconds, median
+from bench.common import (
+    MB,
+    MIB,
+    Sizes,
+    Workspace,
+    fmt_seconds,
+    median,
+)
 from bench.overhead import Calibration
 from bench.report import Section
 from supervisor.core.model import Integrity

@@ -71,7 +71,7 @@ def run(
     faulthandler.enable()
     job = _config_or_exit(config)
     try:
-        code = Supervisor(job, config_path=config).run()
+        code = Supervisor(job).run()
     except TrainwardenError as exc:
         err.print(f"[bold red]trainwarden:[/] {exc}", highlight=False)
         raise typer.Exit(exc.exit_code) from None

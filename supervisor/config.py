@@ -2,7 +2,10 @@
 
 Unknown keys are errors naming their field path, so a typo never silently falls
 back to a default overnight. Durations accept seconds or ``90s``/``5m``/``2h``;
-sizes accept bytes or ``20GiB``/``500MB``.
+sizes accept bytes or ``20GiB``/``500MB`` (pydantic's ``ByteSize``).
+
+This module is the one home of the defaults: ``PolicyConfig`` (what the pure
+policy reads) has none of its own, and a test holds the README's table to them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     ValidationError,
@@ -29,18 +33,6 @@ from trainer_child.protocol import TrainSpec
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
 
 
 def parse_duration(value: object) -> object:
@@ -53,19 +45,8 @@ def parse_duration(value: object) -> object:
     return value
 
 
-def parse_size(value: object) -> object:
-    """Turn ``20GiB``/``500MB``/bytes into an int; leave ``auto`` to pydantic."""
-    if isinstance(value, str) and value.strip() != "auto":
-        match = _SIZE_RE.match(value)
-        if not match:
-            raise ValueError(f"{value!r} is not a size: use bytes or e.g. 500MB, 20GiB")
-        unit = (match.group(2) or "B").lower()
-        return int(float(match.group(1)) * _SIZE_UNITS[unit])
-    return value
-
-
 Duration = Annotated[float, Field(ge=0), BeforeValidator(parse_duration)]
-Size = Annotated[int, Field(ge=0), BeforeValidator(parse_size)]
+Size = Annotated[ByteSize, Field(ge=0)]
 
 
 class _Section(BaseModel):
@@ -269,6 +250,13 @@ def load_config(path: str | Path) -> Config:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    # Relative output_dir is relative to the working directory, as users expect
+    # from every other CLI; systemd units set WorkingDirectory for this.
+    return config_from_yaml(text, source=source)
+
+
+def config_from_yaml(text: str, *, source: str = "<config>") -> Config:
+    """Parse and validate a job file's text; raise ConfigError naming the line of bad YAML."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -276,8 +264,6 @@ def load_config(path: str | Path) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [f"invalid YAML{where}: {problem}"]) from None
-    # Relative output_dir is relative to the working directory, as users expect
-    # from every other CLI; systemd units set WorkingDirectory for this.
     return parse_config(data, source=source)
 
 

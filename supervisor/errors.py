@@ -3,12 +3,14 @@
 TrainwardenError
  +-- ConfigError        the job file is invalid (exit 78); lists every bad field
  +-- LockedError        another supervisor owns this output_dir (exit 78)
- +-- GaveUp             the run cannot continue without a human (exit 76)
+
+Giving up (exit 76) is not an exception: it is the policy's decision, and
+``Supervisor.run`` returns its code like any other end of a run.
 """
 
 from __future__ import annotations
 
-from trainer_child.protocol import EXIT_CONFIG, EXIT_GAVE_UP
+from trainer_child.protocol import EXIT_CONFIG
 
 
 class TrainwardenError(Exception):
@@ -32,9 +34,3 @@ class LockedError(TrainwardenError):
     """Another live supervisor holds this output_dir; two must never share one."""
 
     exit_code = EXIT_CONFIG
-
-
-class GaveUp(TrainwardenError):
-    """The run stopped for a reason a restart cannot fix."""
-
-    exit_code = EXIT_GAVE_UP

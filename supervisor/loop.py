@@ -4,7 +4,7 @@ One thread owns all state. The watchdog observer, the signal handlers and the
 threads that wait on children only put notices on ``self.queue``; the timer is
 the queue's own ``get(timeout=...)``. Everything the policy needs to know is
 gathered here into an event, and everything it decides is executed here, through
-the narrow interfaces bundled in ``Shell`` (each has a fake for tests).
+the narrow interfaces bundled in ``Shell`` (each has a fake in ``shell/testing.py``).
 """
 
 from __future__ import annotations
@@ -13,31 +13,28 @@ import contextlib
 import os
 import queue
 import random
-import re
 import signal as signal_mod
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from supervisor.config import Config
-from supervisor.core import policy
+from supervisor.core import checkpoints, policy
 from supervisor.core.command import render_command
 from supervisor.core.model import (
     Action,
     ChildExited,
     ChildSpawned,
     Event,
-    Evidence,
     Exit,
     ExtendStop,
     FailureKind,
     FailureNote,
     FreeSpace,
-    Integrity,
     InventoryChanged,
     Launch,
     Mode,
@@ -57,16 +54,18 @@ from supervisor.core.model import (
     Tick,
 )
 from supervisor.errors import LockedError
-from supervisor.shell import procs, signals
+from supervisor.shell import signals
 from supervisor.shell.disk import DiskProbe, StatvfsDisk
-from supervisor.shell.heartbeat import HeartbeatMonitor
-from supervisor.shell.journal import FileJournal, Journal, read_state
+from supervisor.shell.evidence import EvidenceSource, FileEvidence
+from supervisor.shell.heartbeat import HeartbeatMonitor, HeartbeatSource
+from supervisor.shell.journal import FileJournal, Journal
 from supervisor.shell.launcher import Launcher, ProcessLauncher
-from supervisor.shell.lock import RunLock
-from supervisor.shell.oom import OomEvidence, OomWatch
+from supervisor.shell.lock import Lock, RunLock
+from supervisor.shell.procs import Peers, ProcPeers
+from supervisor.shell.rundir import FileRunDir, RunDir
 from supervisor.shell.store import CheckpointStore, FileCheckpointStore
-from supervisor.shell.systemd import Notifier, SystemdNotifier
-from supervisor.shell.watcher import CheckpointWatcher
+from supervisor.shell.systemd import NOTIFY_ENV_VARS, Notifier, SystemdNotifier
+from supervisor.shell.watcher import CheckpointWatcher, WatcherFactory
 from trainer_child.protocol import (
     ENV_ATTEMPT,
     ENV_GRAD_ACCUM,
@@ -75,14 +74,11 @@ from trainer_child.protocol import (
     ENV_OUTPUT_DIR,
     ENV_RESUME_FROM,
     SITE_DIR,
-    ErrorReport,
     FailureRecord,
     JobFile,
     Layout,
     Overrides,
     RunStateFile,
-    atomic_write_model,
-    read_model,
 )
 
 log = structlog.get_logger("trainwarden")
@@ -93,14 +89,6 @@ TICK_SECONDS = 0.25
 RESCAN_SECONDS = 10.0
 #: Per-attempt log cap; the tail is kept.
 LOG_CAP_BYTES = 64 * 1024 * 1024
-#: How much of the attempt log's tail is searched for failure evidence.
-LOG_EVIDENCE_BYTES = 256 * 1024
-_CUDA_OOM_MARKERS = (
-    b"CUDA out of memory",
-    b"torch.OutOfMemoryError",
-    b"CUBLAS_STATUS_ALLOC_FAILED",
-)
-_ENOSPC_MARKERS = (b"No space left on device", b"ENOSPC")
 
 
 @dataclass(frozen=True)
@@ -114,24 +102,38 @@ class _FsNotice:
     pass
 
 
+#: ``signals.install``'s shape: route stop signals to ``queue_put``; return ``restore``.
+SignalInstaller = Callable[[Callable[[object], None], Callable[[str], object]], Callable[[], None]]
+
+
 @dataclass
 class Shell:
-    """Every side effect the loop performs, behind narrow interfaces."""
+    """Every side effect the loop performs, behind narrow interfaces.
+
+    One field per seam; ``default_shell`` builds the real ones and
+    ``supervisor/shell/testing.py`` has a fake of each, so the loop can run with
+    no process, no file and no ``/proc`` at all.
+    """
 
     launcher: Launcher
     store: CheckpointStore
     journal: Journal
     disk: DiskProbe
     notifier: Notifier
+    run_dir: RunDir
+    lock: Lock
+    peers: Peers
+    heartbeat: HeartbeatSource
+    evidence: EvidenceSource
+    watcher: WatcherFactory
+    signals: SignalInstaller = signals.install
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     rand: Callable[[], float] = random.random
-    watch_fs: bool = True
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def default_shell(config: Config) -> Shell:
-    """The real shell for a config: processes, files, statvfs, sd_notify."""
+    """The real shell for a config: processes, files, statvfs, inotify, sd_notify."""
     layout = Layout(config.output_dir)
     return Shell(
         launcher=ProcessLauncher(linger=config.preemption.grace),
@@ -139,24 +141,24 @@ def default_shell(config: Config) -> Shell:
         journal=FileJournal(layout),
         disk=StatvfsDisk(config.output_dir),
         notifier=SystemdNotifier(),
+        run_dir=FileRunDir(layout),
+        lock=RunLock(layout.lock),
+        peers=ProcPeers(layout),
+        heartbeat=HeartbeatMonitor(layout),
+        evidence=FileEvidence(layout),
+        watcher=CheckpointWatcher,
     )
 
 
 class Supervisor:
     """Run one job to completion (or a clean stop, or a reasoned give-up)."""
 
-    def __init__(
-        self, config: Config, shell: Shell | None = None, *, config_path: Path | None = None
-    ) -> None:
+    def __init__(self, config: Config, shell: Shell | None = None) -> None:
         self.config = config
-        self.config_path = config_path
         self.layout = Layout(config.output_dir)
         self.shell = shell or default_shell(config)
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.state = State(config=config.policy())
-        self.lock = RunLock(self.layout.lock)
-        self.heartbeat = HeartbeatMonitor(self.layout, clock=self.shell.clock)
-        self.oom_watch: OomEvidence | None = None
         self.exit_code: int | None = None
         self._last_rescan = 0.0
         self._last_tick = 0.0
@@ -166,37 +168,19 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until the run completes, stops cleanly, or gives up; return the exit code."""
-        self.config.output_dir.mkdir(parents=True, exist_ok=True)
-        self.layout.ensure()
-        previous = read_state(self.layout)
-        orphan: int | None = None
-        if not self.lock.acquire():
-            if procs.supervisor_alive(previous):
-                pid = previous.supervisor_pid if previous else None
-                raise LockedError(
-                    f"another trainwarden supervisor (pid {pid}) is running on "
-                    f"{self.config.output_dir}; stop it first (two must never share an output_dir)"
-                )
-            orphan = procs.find_orphan(self.layout, previous)
-            if orphan is None:
-                raise LockedError(
-                    f"{self.layout.lock} is held by an unknown process; find it with "
-                    f"`fuser {self.layout.lock}` and stop it"
-                )
-        restore = signals.install(self.queue.put, SignalReceived)
-        watcher = (
-            CheckpointWatcher(self.config.output_dir, lambda: self.queue.put(_FsNotice()))
-            if self.shell.watch_fs
-            else None
-        )
+        shell = self.shell
+        shell.run_dir.prepare()
+        previous = shell.journal.read_state()
+        orphan = self._claim_output_dir(previous)
+        restore = shell.signals(self.queue.put, SignalReceived)
+        watcher = shell.watcher(self.config.output_dir, lambda: self.queue.put(_FsNotice()))
         try:
-            if watcher is not None:
-                watcher.start()
-            self.shell.notifier.ready()
+            watcher.start()
+            shell.notifier.ready()
             log.info("supervisor_started", output_dir=str(self.config.output_dir), pid=os.getpid())
             started = Started(
-                inventory=self.shell.store.inventory(),
-                disk=self.shell.disk.usage(),
+                inventory=shell.store.inventory(),
+                disk=shell.disk.usage(),
                 previous=self._previous(previous),
                 orphan_pid=orphan,
             )
@@ -208,15 +192,33 @@ class Supervisor:
             # An unexpected error in the loop must not leave a child training
             # unsupervised: ask it for an emergency checkpoint, then kill it.
             for pid in list(self._child_pids):
-                self.shell.launcher.stop(pid, self.config.preemption.grace)
+                shell.launcher.stop(pid, self.config.preemption.grace)
             raise
         finally:
-            self.shell.notifier.stopping()
-            if watcher is not None:
-                watcher.stop()
+            shell.notifier.stopping()
+            watcher.stop()
             restore()
-            self.shell.launcher.close()
-            self.lock.release()
+            shell.launcher.close()
+            shell.lock.release()
+
+    def _claim_output_dir(self, previous: RunStateFile | None) -> int | None:
+        """Take the run lock; return the pid of an orphan that holds it, or refuse."""
+        if self.shell.lock.acquire():
+            return None
+        peers = self.shell.peers
+        if peers.supervisor_alive(previous):
+            pid = previous.supervisor_pid if previous else None
+            raise LockedError(
+                f"another trainwarden supervisor (pid {pid}) is running on "
+                f"{self.config.output_dir}; stop it first (two must never share an output_dir)"
+            )
+        orphan = peers.find_orphan(previous)
+        if orphan is None:
+            raise LockedError(
+                f"{self.layout.lock} is held by an unknown process; find it with "
+                f"`fuser {self.layout.lock}` and stop it"
+            )
+        return orphan
 
     def _previous(self, previous: RunStateFile | None) -> PreviousRun | None:
         if previous is None:
@@ -259,8 +261,9 @@ class Supervisor:
         now = self.shell.clock()
         self._last_tick = now
         self.shell.notifier.watchdog()
+        lock = self.shell.lock
         orphan_just_gone = (
-            self.state.mode is Mode.WAITING_ORPHAN and not self.lock.held and self.lock.acquire()
+            self.state.mode is Mode.WAITING_ORPHAN and not lock.held and lock.acquire()
         )
         # A gone orphan is judged by what it left (its emergency checkpoint, or
         # final/) from a fresh scan, not from a watcher notice that may still be
@@ -272,7 +275,7 @@ class Supervisor:
         beat = None
         stopped = False
         if child is not None:
-            beat = self.heartbeat.poll(child.started_at)
+            beat = self.shell.heartbeat.poll(child.started_at)
             stopped = self.shell.launcher.process_stopped(child.pid)
             self.shell.launcher.enforce_log_cap(
                 self.layout.attempt_log(child.attempt), LOG_CAP_BYTES
@@ -280,9 +283,9 @@ class Supervisor:
         lock_acquired = False
         orphan_alive = False
         if self.state.mode is Mode.WAITING_ORPHAN:
-            lock_acquired = self.lock.acquire()
-            pid = self.state.orphan_pid
-            orphan_alive = pid is not None and self.shell.launcher.process_alive(pid)
+            lock_acquired = lock.acquire()
+            orphan = self.state.orphan
+            orphan_alive = orphan is not None and self.shell.launcher.process_alive(orphan.pid)
         return Tick(
             disk=self.shell.disk.usage(),
             heartbeat=beat,
@@ -302,44 +305,10 @@ class Supervisor:
             pid=notice.pid,
             returncode=returncode,
             signal=sig,
-            evidence=self._evidence(notice.pid, attempt, sig),
+            evidence=self.shell.evidence.gather(notice.pid, attempt, sig),
             inventory=self.shell.store.inventory(),
             disk=self.shell.disk.usage(),
             jitter=self.shell.rand(),
-        )
-
-    def _evidence(self, pid: int, attempt: int, sig: int | None) -> Evidence:
-        report = read_model(self.layout.error, ErrorReport)
-        if report is not None and report.pid != pid and report.attempt != attempt:
-            report = None  # left by an earlier attempt
-        tail = _read_tail(self.layout.attempt_log(attempt), LOG_EVIDENCE_BYTES)
-        killed_by = sig if sig is not None else launcher_reported_signal(tail)
-        cgroup_oom = False
-        if self.oom_watch is not None and killed_by == signal_mod.SIGKILL:
-            cgroup_oom = self.oom_watch.oom_killed_since()
-        kernel_oom = (
-            self.oom_watch is not None
-            and killed_by == signal_mod.SIGKILL
-            and not cgroup_oom
-            and self.oom_watch.kernel_log_oom()
-        )
-        worker_signal = launcher_reported_signal(tail)
-        line = _report_line(report) if report else last_error_line(tail)
-        if worker_signal is not None and report is None:
-            line = None  # "died with SIGKILL" names no error, however often it recurs
-        return Evidence(
-            error_kind=report.kind.value if report else None,
-            error_type=report.type if report else None,
-            error_message=report.message[:500] if report else None,
-            error_errno=report.errno if report else None,
-            error_step=report.step if report else None,
-            error_line=line,
-            log_usage_error=bool(line and _USAGE_ERROR_RE.match(line)),
-            worker_signal=worker_signal,
-            log_cuda_oom=any(m in tail for m in _CUDA_OOM_MARKERS),
-            log_enospc=any(m in tail for m in _ENOSPC_MARKERS),
-            cgroup_oom_kill=cgroup_oom,
-            kernel_oom_kill=kernel_oom,
         )
 
     def _process(self, event: Event) -> None:
@@ -397,7 +366,7 @@ class Supervisor:
     def _launch(self, action: Launch) -> list[Event]:
         if action.resume_from is not None:
             entry = self.shell.store.verify_for_resume(action.resume_from)
-            if entry.integrity is not Integrity.COMPLETE or entry.symlink:
+            if not checkpoints.is_valid(entry):
                 return [
                     ResumeRejected(
                         action.attempt, action.resume_from, entry.problems or ("not complete",)
@@ -408,30 +377,29 @@ class Supervisor:
             if action.resume_from is not None
             else ""
         )
-        with contextlib.suppress(FileNotFoundError):
-            self.layout.error.unlink()
+        shell = self.shell
+        shell.evidence.forget()
         argv = self._argv(action, resume_path)
         env = self._env(action, resume_path)
         log_path = self.layout.attempt_log(action.attempt)
-        with contextlib.suppress(OSError), log_path.open("ab") as handle:
-            handle.write(
-                f"# trainwarden attempt {action.attempt}: resume_from={resume_path or '-'} "
-                f"argv={argv}\n".encode()
-            )
+        shell.run_dir.note(
+            action.attempt,
+            f"attempt {action.attempt}: resume_from={resume_path or '-'} argv={argv}",
+        )
         try:
             handle_ = self.shell.launcher.spawn(
                 argv,
                 env=env,
                 cwd=Path.cwd(),
                 log_path=log_path,
-                pass_fds=(self.lock.fd,) if self.lock.held else (),
+                pass_fds=(shell.lock.fd,) if shell.lock.held else (),
                 on_exit=lambda pid, rc: self.queue.put(_ExitNotice(pid, rc)),
             )
         except OSError as exc:
             return [SpawnFailed(action.attempt, f"{argv[0]}: {exc.strerror or exc}")]
         self._child_pids.add(handle_.pid)
-        self.heartbeat.reset(action.attempt, handle_.pid)
-        self.oom_watch = OomWatch(handle_.pid)
+        shell.heartbeat.reset(action.attempt, handle_.pid)
+        shell.evidence.watch(handle_.pid)
         return [ChildSpawned(action.attempt, handle_.pid)]
 
     def _argv(self, action: Launch, resume_path: str) -> list[str]:
@@ -443,8 +411,8 @@ class Supervisor:
             train=self.config.train,
             overrides=action.overrides,
         )
-        atomic_write_model(self.layout.job, job)
-        argv = [sys.executable, "-m", "trainer_child", "--job", str(self.layout.job)]
+        job_path = self.shell.run_dir.write_job(job)
+        argv = [sys.executable, "-m", "trainer_child", "--job", str(job_path)]
         if resume_path:
             argv += ["--resume-from", resume_path]
         return argv
@@ -458,7 +426,7 @@ class Supervisor:
         if self.config.command is not None and self.config.inject_callback:
             env.update(injection_env(env))
         # systemd's notify socket belongs to the supervisor (NotifyAccess=main).
-        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        for name in NOTIFY_ENV_VARS:
             env.pop(name, None)
         overrides: Overrides = action.overrides
         if overrides.per_device_train_batch_size is not None:
@@ -488,14 +456,14 @@ class Supervisor:
                 for f in state.failures
             ),
             restart_wall_times=tuple(wall - (now - t) for t in state.restart_times),
-            consecutive_failures=state.consecutive_failures,
+            consecutive_failures=state.streak.failures,
             newest_valid_step=state.newest_valid,
             poisoned_steps=tuple(sorted(state.poisoned)),
             step=beat.step if beat else None,
             max_steps=beat.max_steps if beat else None,
             supervisor_pid=os.getpid(),
             child_pid=child.pid if child else None,
-            child_create_time=procs.create_time(child.pid) if child else None,
+            child_create_time=self.shell.peers.create_time(child.pid) if child else None,
             updated_wall_time=wall,
         )
 
@@ -517,69 +485,6 @@ def _kind(value: str) -> FailureKind:
         return FailureKind(value)
     except ValueError:
         return FailureKind.CRASH
-
-
-#: argparse's last words: "sft.py: error: argument --max_steps: invalid int value: 'x'".
-_USAGE_ERROR_RE = re.compile(r"^[\w.\-]+: error: ")
-_EXCEPTION_LINE_RE = re.compile(r"^[A-Za-z_][\w.]*(?:: |$)")
-#: Longest error line kept: enough for a path and a reason, short enough for a status line.
-MAX_ERROR_LINE = 300
-
-
-def last_error_line(tail: bytes) -> str | None:
-    """Return the line that names the child's fatal error in its log tail, if there is one.
-
-    Python ends an uncaught exception with its traceback, whose first unindented
-    line after the frames is ``Type: message``; argparse ends with ``prog: error:
-    ...``. A process killed by a signal prints neither, and gets None: nothing
-    to recognise it by.
-    """
-    lines = tail.decode(errors="replace").splitlines()
-    start = max((i for i, text in enumerate(lines) if text.startswith("Traceback (")), default=None)
-    if start is not None:
-        for text in lines[start + 1 :]:
-            if text and not text[0].isspace() and _EXCEPTION_LINE_RE.match(text):
-                return text.strip()[:MAX_ERROR_LINE]
-    for text in reversed(lines[-5:]):
-        if _USAGE_ERROR_RE.match(text):
-            return text.strip()[:MAX_ERROR_LINE]
-    return None
-
-
-#: How launchers report the signal that killed the process they started:
-#: ``accelerate launch`` (subprocess.CalledProcessError) and torchrun's agent.
-_LAUNCHER_SIGNAL_RES = (
-    re.compile(rb"died with <Signals\.SIG\w+: (\d+)>"),
-    re.compile(rb"Signal (\d+) \(SIG\w+\) received by PID"),
-    re.compile(rb"exitcode\s*:\s*-(\d+)"),
-)
-
-
-def launcher_reported_signal(tail: bytes) -> int | None:
-    """Return the signal a launcher says killed its worker, from the log's last words."""
-    found: tuple[int, int] | None = None
-    for pattern in _LAUNCHER_SIGNAL_RES:
-        for match in pattern.finditer(tail):
-            if found is None or match.start() > found[0]:
-                found = (match.start(), int(match.group(1)))
-    return found[1] if found is not None else None
-
-
-def _report_line(report: ErrorReport) -> str:
-    """One line for an error.json: ``OSError: the first line of its message``."""
-    first = report.message.strip().splitlines()[0] if report.message.strip() else ""
-    name = report.type.rsplit(".", 1)[-1]
-    return f"{name}: {first}"[:MAX_ERROR_LINE] if first else name
-
-
-def _read_tail(path: Path, size: int) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - size))
-            return handle.read()
-    except OSError:
-        return b""
 
 
 @contextlib.contextmanager

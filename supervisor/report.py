@@ -21,14 +21,19 @@ from rich.console import Console
 from rich.table import Table
 
 from supervisor.core.advice import advised_save_steps
+from supervisor.core.policy import human_size
 from supervisor.shell.journal import read_events, read_state
+from supervisor.shell.launcher import process_alive
 from supervisor.shell.store import FileCheckpointStore, describe_checkpoints, plan_prune
 from trainer_child.protocol import (
+    COMMIT_RECORD,
     TRAINER_STATE,
     CommitRecord,
     Heartbeat,
     JobFile,
+    JournalEntry,
     Layout,
+    RunStateFile,
     read_model,
 )
 
@@ -37,8 +42,8 @@ def _alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
+        return process_alive(pid)
+    except psutil.Error:  # e.g. AccessDenied: status only guesses, it must not fail
         return False
 
 
@@ -53,22 +58,11 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
     newest = max(valid, key=lambda r: r.step) if valid else None
     failures = [e for e in events if e.event == "failure"]
     by_kind = Counter(e.kind or "crash" for e in failures)
-    last = failures[-1] if failures else None
     usage = os.statvfs(output_dir)
     supervisor_alive = _alive(state.supervisor_pid if state else None)
     child_alive = _alive(state.child_pid if state else None)
 
-    if state is None:
-        run_state = "not started"
-    elif state.completed or (layout.final / "warden.json").exists():
-        run_state = "completed"
-    elif state.gave_up:
-        run_state = "gave up"
-    elif supervisor_alive:
-        run_state = state.mode or "running"
-    else:
-        run_state = "not running"
-
+    run_state = _run_state(layout, state, supervisor_alive=supervisor_alive)
     eta = None
     if beat is not None and beat.max_steps and beat.last_step_seconds and run_state != "completed":
         eta = max(0, beat.max_steps - beat.step) * beat.last_step_seconds
@@ -89,23 +83,37 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
         "restarts": sum(by_kind.values()),
         "restarts_by_kind": dict(by_kind),
         "overrides": state.overrides.model_dump(exclude_none=True) if state else {},
-        "last_failure": (
-            {
-                "kind": last.kind,
-                "attempt": last.attempt,
-                "step": (last.model_extra or {}).get("step"),
-                "evidence": (last.model_extra or {}).get("evidence"),
-                "ts": last.ts,
-            }
-            if last
-            else None
-        ),
+        "last_failure": _failure(failures[-1]) if failures else None,
         "gave_up": state.gave_up if state else None,
         "disk_free_bytes": usage.f_bavail * usage.f_frsize,
         "disk_total_bytes": usage.f_blocks * usage.f_frsize,
         "save_interval_advice": _advice(output_dir, events, beat, rows),
     }
     return report
+
+
+def _run_state(layout: Layout, state: RunStateFile | None, *, supervisor_alive: bool) -> str:
+    """One word or two for the run as a whole, from state.json and whether its supervisor lives."""
+    if state is None:
+        return "not started"
+    if state.completed or (layout.final / COMMIT_RECORD).exists():
+        return "completed"
+    if state.gave_up:
+        return "gave up"
+    if supervisor_alive:
+        return state.mode or "running"
+    return "not running"
+
+
+def _failure(entry: JournalEntry) -> dict[str, Any]:
+    extra = entry.model_extra or {}
+    return {
+        "kind": entry.kind,
+        "attempt": entry.attempt,
+        "step": extra.get("step"),
+        "evidence": extra.get("evidence"),
+        "ts": entry.ts,
+    }
 
 
 def _advice(output_dir: Path, events: list[Any], beat: Heartbeat | None, rows: list[Any]) -> Any:
@@ -167,14 +175,7 @@ def _configured_save_steps(output_dir: Path, rows: list[Any]) -> int | None:
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+    return "-" if n is None else human_size(n)
 
 
 def _duration(seconds: float | None) -> str:
@@ -259,7 +260,11 @@ def run_prune(
     dry_run: bool,
     console: Console,
 ) -> int:
-    """Delete what retention would delete; refuse while a supervisor owns the dir."""
+    """Delete what retention would delete, each through ``.warden/trash``.
+
+    It does not look for a running supervisor: run it on a stopped run, or trust
+    that the newest valid checkpoint (always kept) is what a live one needs.
+    """
     doomed = plan_prune(output_dir, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
     if not doomed:
         console.print("nothing to prune")

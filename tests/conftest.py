@@ -1,8 +1,14 @@
-"""Shared fixtures: every test must leave no thread and no process behind.
+"""Rules every test obeys: leave no thread and no process behind, and never skip quietly.
 
 The test process makes itself a child subreaper, so a training child orphaned by
 a SIGKILLed supervisor is re-parented to us rather than to PID 1, and the leak
 check below can see it (and kill it) instead of letting it train on unnoticed.
+
+A skip is allowed only through ``tests.support.capabilities.require``, which
+skips when the machine truly lacks something (root, a binary, a cgroup
+hierarchy); any other skip fails. ``--require-run`` (the Makefile's serial
+stage) fails a session in which no test ran at all; outside CI (``$CI`` unset)
+it lets pass a session whose every test lacked a capability, saying so.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+
+from tests.support.capabilities import ABSENT_PREFIX
 
 PR_SET_CHILD_SUBREAPER = 36
 LEAK_GRACE_SECONDS = 5.0
@@ -85,3 +93,65 @@ def no_leaks() -> Iterator[None]:
         )
     if problems:
         pytest.fail("; ".join(problems))
+
+
+# --- no quiet skips, no empty stage -----------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--require-run",
+        action="store_true",
+        help="fail the session when no selected test ran (all skipped, or none selected)",
+    )
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return text.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Turn a skip that does not name a missing capability into a failure."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if not reason.startswith(ABSENT_PREFIX):
+            report.outcome = "failed"
+            report.longrepr = (
+                f"skipped, but not for a missing capability ({reason}): a test that can run "
+                "here must run; skip only through tests.support.capabilities.require"
+            )
+
+
+class _Tally:
+    ran = 0
+    absent: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _Tally.absent.append(_skip_reason(report))
+    elif report.when == "call" or (report.when == "setup" and report.failed):
+        _Tally.ran += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not session.config.getoption("--require-run") or _Tally.ran:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if _Tally.absent and not os.environ.get("CI"):
+        if reporter is not None:
+            reporter.write_line(
+                f"no test ran, each lacked a capability: {sorted(set(_Tally.absent))}"
+            )
+        return
+    if reporter is not None:
+        reporter.write_line(
+            f"--require-run: no test ran (skips: {sorted(set(_Tally.absent)) or 'none selected'})",
+            red=True,
+        )
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -232,28 +232,7 @@ def commit_checkpoint(
     are listed; a symlink inside a checkpoint is not trusted.
     """
     root = Path(folder)
-    entries: list[FileEntry] = []
-    folders: list[Path] = []
-    for current, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        folders.append(Path(current))
-        for name in sorted(filenames):
-            path = Path(current) / name
-            if (Path(current) == root and _is_record_file(name)) or path.is_symlink():
-                continue
-            digest = file_digest(path)
-            size = path.stat().st_size
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            entries.append(
-                FileEntry(path=path.relative_to(root).as_posix(), size=size, hash=digest)
-            )
-    # Deepest first, then the output dir so the checkpoint's own name is durable.
-    for path in [*reversed(folders), root.parent]:
-        fsync_dir(path)
+    entries = _hash_and_sync(root)
     if save_seconds is None and save_started is not None:
         save_seconds = time.monotonic() - save_started
     record = CommitRecord(
@@ -310,6 +289,37 @@ def _check_output_dir(args: TrainingArguments) -> None:
             f"the script saves checkpoints to {saving} but trainwarden watches {watched}: "
             "make the job file's output_dir and the script's --output_dir the same folder"
         )
+
+
+def _hash_and_sync(root: Path) -> list[FileEntry]:
+    """List, hash and fsync every regular file below ``root``, then every folder, deepest first.
+
+    Hashing right after the save reads the bytes while they are still in the
+    page cache; a symlink inside a checkpoint is not trusted, so not listed.
+    """
+    entries: list[FileEntry] = []
+    folders: list[Path] = []
+    for current, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        folders.append(Path(current))
+        for name in sorted(filenames):
+            path = Path(current) / name
+            if (Path(current) == root and _is_record_file(name)) or path.is_symlink():
+                continue
+            digest = file_digest(path)
+            size = path.stat().st_size
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            entries.append(
+                FileEntry(path=path.relative_to(root).as_posix(), size=size, hash=digest)
+            )
+    # Deepest first, then the output dir so the checkpoint's own name is durable.
+    for path in [*reversed(folders), root.parent]:
+        fsync_dir(path)
+    return entries
 
 
 class WardenCallback(TrainerCallback):

@@ -34,12 +34,16 @@ import traceback
 from collections.abc import Iterator
 
 from trainer_child.protocol import (
+    CUDA_OOM_MARKERS,
+    DISK_FULL_MARKERS,
     EXIT_CONFIG,
+    HOST_OOM_MARKERS,
     ErrorKind,
     ErrorReport,
     Layout,
     Phase,
     atomic_write_model,
+    mentions,
 )
 
 __all__ = [
@@ -65,24 +69,6 @@ EXIT_CRASH = 1
 #: error.json keeps the end of the traceback (where the cause is) within this size.
 MAX_TRACEBACK_CHARS = 32_000
 
-# torch.save reports a full disk as RuntimeError("... file write failed"),
-# "unexpected pos ..." or, when only its final flush finds no room,
-# "basic_ios::clear: iostream error" (measured on a full tmpfs), all with no
-# errno; safetensors and tokenizers (Rust) keep only the io::Error text. Matched
-# case-insensitively against every message in the chain.
-_DISK_FULL_TEXT = (
-    "no space left on device",
-    "disk quota exceeded",
-    "enospc",
-    "storagefull",
-    "os error 28",
-    "file write failed",
-    "unexpected pos",
-    "iostream error",
-)
-_CUDA_OOM_TEXT = ("cuda out of memory", "cuda error: out of memory")
-# torch's CPU allocator raises RuntimeError, not MemoryError, when malloc fails.
-_HOST_OOM_TEXT = ("defaultcpuallocator: can't allocate memory", "cannot allocate memory")
 # huggingface_hub / datasets exceptions (by class name: neither may be importable)
 # that mean the id or path in the command is wrong, not that the network is.
 _HF_CONFIG_ERRORS = frozenset(
@@ -131,13 +117,12 @@ def find_errno(exc: BaseException) -> int | None:
     return None
 
 
-def _mentions(exc: BaseException, needles: tuple[str, ...]) -> bool:
+def _mentions(exc: BaseException, markers: tuple[str, ...]) -> bool:
     if isinstance(exc, ChildError):
         # Our own messages may quote such words (a failpoint named "enospc");
         # the physical evidence, if any, is in the exception they wrap.
         return False
-    text = str(exc).lower()
-    return any(needle in text for needle in needles)
+    return mentions(str(exc), markers)
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
@@ -146,18 +131,18 @@ def _is_cuda_oom(exc: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
     if isinstance(oom_type, type) and isinstance(exc, oom_type):
         return True
-    return _mentions(exc, _CUDA_OOM_TEXT)
+    return _mentions(exc, CUDA_OOM_MARKERS)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
     code = getattr(exc, "errno", None)
     if code in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return _mentions(exc, _DISK_FULL_TEXT)
+    return _mentions(exc, DISK_FULL_MARKERS)
 
 
 def _is_host_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or _mentions(exc, _HOST_OOM_TEXT)
+    return isinstance(exc, MemoryError) or _mentions(exc, HOST_OOM_MARKERS)
 
 
 def classify(exc: BaseException, *, loading_resume: bool = False) -> ErrorKind:

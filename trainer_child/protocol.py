@@ -1,8 +1,10 @@
 """The contract between the supervisor and the training child.
 
 This is the one module both processes import. It holds the environment variable
-names, the exit codes, the file layout under ``output_dir`` and a pydantic model
-for every file either side writes there (see DESIGN.md, "The contract").
+names, the exit codes, the file layout under ``output_dir`` (and the one rule for
+a checkpoint's name), the words that mark an OOM or a full disk in a message or a
+log, and a pydantic model for every file either side writes there
+(docs/architecture.md, "The output-dir contract").
 
 It must stay light: the supervisor imports it and never imports torch,
 transformers, trl, peft or datasets, so only the standard library, pydantic and
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -30,6 +33,8 @@ M = TypeVar("M", bound=BaseModel)
 __all__ = [
     "CHECKPOINT_RE",
     "COMMIT_RECORD",
+    "CUDA_OOM_MARKERS",
+    "DISK_FULL_MARKERS",
     "ENV_ATTEMPT",
     "ENV_FAILPOINTS",
     "ENV_GRAD_ACCUM",
@@ -41,9 +46,11 @@ __all__ = [
     "EXIT_GAVE_UP",
     "EXIT_OK",
     "EXIT_PREEMPTED",
+    "HOST_OOM_MARKERS",
     "SITE_DIR",
     "TRAINER_STATE",
     "CommitRecord",
+    "EntryKind",
     "ErrorKind",
     "ErrorReport",
     "FailureRecord",
@@ -59,9 +66,13 @@ __all__ = [
     "TrainSpec",
     "atomic_write_bytes",
     "atomic_write_model",
+    "checkpoint_name",
     "checkpoint_step",
+    "entry_kind",
     "file_digest",
     "fsync_dir",
+    "is_real_dir",
+    "mentions",
     "read_model",
 ]
 
@@ -98,22 +109,97 @@ EXIT_CONFIG = 78
 # --- file layout -------------------------------------------------------------------
 
 COMMIT_RECORD = "warden.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: The one name rule: ``checkpoint-N`` with N in ASCII digits as HF writes it (no
+#: leading zeros), so a name and its step map one to one: ``checkpoint-05``, or N
+#: in another script's digits (which ``int()`` would accept), is not a checkpoint.
+CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
 #: HF Trainer writes this last; its global_step must equal the folder's N.
 TRAINER_STATE = "trainer_state.json"
 
 
+def checkpoint_name(step: int) -> str:
+    """Return the folder name of step ``step`` (``checkpoint-N``)."""
+    if step < 0:
+        raise ValueError(f"a checkpoint step is >= 0, got {step}")
+    return f"checkpoint-{step}"
+
+
 def checkpoint_step(name: str) -> int | None:
-    """Return N for a folder named ``checkpoint-N``, else None."""
+    """Return N for a folder named exactly ``checkpoint_name(N)``, else None."""
     match = CHECKPOINT_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+class EntryKind(enum.Enum):
+    """What a path is, as ``lstat`` sees it: a symlink is never looked through."""
+
+    MISSING = "missing"
+    SYMLINK = "symlink"
+    DIRECTORY = "directory"
+    FILE = "file"
+    OTHER = "other"
+
+
+def entry_kind(path: str | os.PathLike[str]) -> EntryKind:
+    """Say what is at ``path`` without following a symlink."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return EntryKind.MISSING
+    if stat.S_ISLNK(mode):
+        return EntryKind.SYMLINK
+    if stat.S_ISDIR(mode):
+        return EntryKind.DIRECTORY
+    return EntryKind.FILE if stat.S_ISREG(mode) else EntryKind.OTHER
+
+
+def is_real_dir(path: str | os.PathLike[str]) -> bool:
+    """Return whether ``path`` is a real directory: present, and not a symlink to one."""
+    return entry_kind(path) is EntryKind.DIRECTORY
+
+
+# --- words that name a failure --------------------------------------------------------
+# Matched case-insensitively (``mentions``) by the child against exception messages
+# (errors.py) and by the supervisor against the attempt log's tail
+# (supervisor/shell/evidence.py), so both sides call the same words the same kind.
+
+#: torch's allocator message, its exception type as a traceback prints it, and
+#: cuBLAS failing to allocate its workspace (also an out-of-memory on the device).
+CUDA_OOM_MARKERS = (
+    "cuda out of memory",
+    "cuda error: out of memory",
+    "torch.outofmemoryerror",
+    "cublas_status_alloc_failed",
+)
+#: ENOSPC in words. torch.save reports a full disk as "file write failed",
+#: "unexpected pos ..." or, when only its final flush finds no room,
+#: "basic_ios::clear: iostream error" (measured on a full tmpfs), all with no
+#: errno; safetensors and tokenizers (Rust) keep only the io::Error text.
+DISK_FULL_MARKERS = (
+    "no space left on device",
+    "disk quota exceeded",
+    "enospc",
+    "storagefull",
+    "os error 28",
+    "file write failed",
+    "unexpected pos",
+    "iostream error",
+)
+#: torch's CPU allocator raises RuntimeError, not MemoryError, when malloc fails.
+HOST_OOM_MARKERS = ("defaultcpuallocator: can't allocate memory", "cannot allocate memory")
+
+
+def mentions(text: str, markers: tuple[str, ...]) -> bool:
+    """Return whether ``text`` contains any of ``markers``, ignoring case."""
+    lowered = text.lower()
+    return any(marker in lowered for marker in markers)
 
 
 class Layout:
     """Every path trainwarden uses under one ``output_dir``.
 
     One object instead of string joins scattered through both processes, so the
-    layout in DESIGN.md has exactly one implementation.
+    layout in docs/architecture.md has exactly one implementation.
     """
 
     def __init__(self, output_dir: str | os.PathLike[str]) -> None:
@@ -132,7 +218,7 @@ class Layout:
         self.final = self.output_dir / "final"
 
     def checkpoint(self, step: int) -> Path:
-        return self.output_dir / f"checkpoint-{step}"
+        return self.output_dir / checkpoint_name(step)
 
     def attempt_log(self, attempt: int) -> Path:
         return self.logs / f"attempt-{attempt}.log"

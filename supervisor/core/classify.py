@@ -65,7 +65,7 @@ def classify_exit(
     disk_below_need: bool,
     exit_zero_completes: bool = False,
 ) -> Verdict:
-    """Classify one child exit (DESIGN.md, "Failure kinds and what happens")."""
+    """Classify one child exit (docs/architecture.md, "Failure kinds")."""
     how = describe_exit(returncode, signal)
     error = ""
     if evidence.error_type:

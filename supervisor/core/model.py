@@ -42,7 +42,7 @@ class Mode(enum.Enum):
 
 
 class FailureKind(str, enum.Enum):
-    """Why an attempt ended badly (DESIGN.md, "Failure kinds"); journal ``kind``."""
+    """Why an attempt ended badly: the journal's ``kind`` (docs/architecture.md)."""
 
     CRASH = "crash"
     CUDA_OOM = "cuda_oom"
@@ -369,37 +369,41 @@ Action = (
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """The config values the pure policy reads (seconds and bytes, already parsed)."""
+    """The config values the pure policy reads (seconds and bytes, already parsed).
 
-    max_restarts: int = 20
-    window: float = 3600.0
-    backoff_initial: float = 5.0
-    backoff_max: float = 300.0
-    no_progress_limit: int = 3
-    keep_last: int = 3
-    keep_best: bool = True
-    keep_every: int | None = None
+    No defaults here: ``supervisor/config.py`` is their one home, and
+    ``Config.policy()`` builds this record from a validated job file.
+    """
+
+    max_restarts: int
+    window: float
+    backoff_initial: float
+    backoff_max: float
+    no_progress_limit: int
+    keep_last: int
+    keep_best: bool
+    keep_every: int | None
     #: Bytes to keep free; None = auto (2 x the largest checkpoint seen).
-    disk_reserve: int | None = None
+    disk_reserve: int | None
     #: Seconds without a heartbeat in train/eval before ``hang``; None = auto.
-    hang_timeout: float | None = None
-    startup_timeout: float = 1800.0
+    hang_timeout: float | None
+    startup_timeout: float
     #: Seconds a save may take before ``hang``; None = auto.
-    save_timeout: float | None = None
+    save_timeout: float | None
     #: SIGTERM -> SIGKILL grace when killing a hung child.
-    kill_grace: float = 30.0
-    preemption_grace: float = 120.0
-    #: The micro-batch/accumulation the job starts with (for OOM halving).
-    micro_batch: int = 8
-    grad_accum: int = 1
+    kill_grace: float
+    preemption_grace: float
+    #: The micro-batch/accumulation the job starts with (for OOM halving); 0 = unknown.
+    micro_batch: int
+    grad_accum: int
     #: True for the built-in job, whose checkpoints must carry warden.json.
-    require_record: bool = True
+    require_record: bool
     #: The built-in job is done when final/ holds a valid adapter; a ``command:``
     #: job, which knows nothing of final/, when it exits 0.
-    success_needs_final: bool = True
+    success_needs_final: bool
     #: A resume from a checkpoint at max_steps takes no step (the built-in job, or
     #: WardenCallback injected); otherwise HF would train one step past the end.
-    step_guard: bool = True
+    step_guard: bool
 
 
 @dataclass(frozen=True)
@@ -423,8 +427,67 @@ class Child:
 
 
 @dataclass(frozen=True)
+class Stopping:
+    """Why we are stopping our child and when SIGTERM turns into SIGKILL; gone once it exits."""
+
+    #: HANG (we found it stuck) or PREEMPTED (a stop signal reached us first).
+    reason: FailureKind
+    deadline: float
+    #: SIGKILL has been sent: a further signal only repeats it.
+    killed: bool = False
+    #: A stop signal reached the supervisor: once the child is gone, so are we.
+    requested: bool = False
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The pause between a failure and the next attempt."""
+
+    until: float
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A child of an earlier supervisor that still holds the lock; asked to save and exit."""
+
+    pid: int
+    #: When our SIGTERM's grace runs out and SIGKILL follows.
+    deadline: float
+    killed: bool = False
+
+
+@dataclass(frozen=True)
+class Streak:
+    """Failures in a row with no newer checkpoint; a new commit ends it as a whole."""
+
+    failures: int = 0
+    #: Newest valid step when the streak began (the progress marker).
+    base: int | None = None
+    #: The one fallback to an older checkpoint has been spent.
+    fallback_tried: bool = False
+    #: (error line, resume step) of the last failure, if it came before training
+    #: began: the same one twice in a row is deterministic, not bad luck.
+    startup_failure: tuple[str, int | None] | None = None
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How long steps and saves take, which the automatic hang limits scale with."""
+
+    slowest_step: float | None = None
+    slowest_save: float | None = None
+    #: Monotonic time the current save began (heartbeat phase ``save``), if one runs.
+    save_started: float | None = None
+
+
+@dataclass(frozen=True)
 class State:
-    """The supervisor's whole mutable world, replaced (never mutated) by ``decide``."""
+    """The supervisor's whole mutable world, replaced (never mutated) by ``decide``.
+
+    The per-mode records (``stopping``, ``backoff``, ``orphan``) exist only in
+    their mode and are replaced as a whole, so nothing is left behind to reset
+    by hand when a mode ends.
+    """
 
     config: PolicyConfig
     mode: Mode = Mode.STARTING
@@ -437,28 +500,16 @@ class State:
     overrides: Overrides = Overrides()  # noqa: RUF009 - a frozen pydantic model is immutable
     failures: tuple[FailureNote, ...] = ()
     restart_times: tuple[float, ...] = ()
-    consecutive_failures: int = 0
-    #: Newest valid step when the current failure streak began (progress marker).
-    streak_base: int | None = None
-    #: (error line, resume step) of the last failure, if it came before training
-    #: started: the same one twice in a row is deterministic, not bad luck.
-    startup_failure: tuple[str, int | None] | None = None
-    fallback_tried: bool = False
+    streak: Streak = Streak()
     #: Steps that must not be resumed from again (failed to load, or superseded).
     poisoned: frozenset[int] = frozenset()
     #: Newest valid step seen so far (to notice commits).
     newest_valid: int | None = None
-    backoff_until: float | None = None
-    #: Why we are stopping the child (HANG or PREEMPTED) and the escalation deadline.
-    stop_reason: FailureKind | None = None
-    stop_deadline: float | None = None
-    killed: bool = False
-    orphan_pid: int | None = None
-    preempt_requested: bool = False
+    stopping: Stopping | None = None
+    backoff: Backoff | None = None
+    orphan: Orphan | None = None
     heartbeat: HeartbeatView | None = None
-    slowest_step: float | None = None
-    slowest_save: float | None = None
-    save_started: float | None = None
+    pace: Pace = Pace()
     status: str = "starting"
     exit_code: int | None = None
     gave_up: str | None = None

@@ -1,4 +1,4 @@
-"""Which valid checkpoints to delete: the retention rules of DESIGN.md, as a pure function.
+"""Which valid checkpoints to delete: the retention rules, as a pure function.
 
 The child always trains with ``save_total_limit=None``; the supervisor owns
 retention because only it knows which checkpoints are *proven* complete. HF's own

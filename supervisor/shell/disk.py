@@ -7,7 +7,7 @@ from typing import Protocol
 
 from supervisor.core.model import Disk
 
-__all__ = ["DiskProbe", "FakeDisk", "StatvfsDisk"]
+__all__ = ["DiskProbe", "StatvfsDisk"]
 
 
 class DiskProbe(Protocol):
@@ -32,17 +32,3 @@ class StatvfsDisk:
         """
         st = os.statvfs(self.path)
         return Disk(free=st.f_bavail * st.f_frsize, total=st.f_blocks * st.f_frsize)
-
-
-class FakeDisk:
-    """A disk whose free space the test sets."""
-
-    def __init__(self, free: int = 100 << 30, total: int = 200 << 30) -> None:
-        self.free = free
-        self.total = total
-        self.samples = 0
-
-    def usage(self) -> Disk:
-        """Return the scripted numbers."""
-        self.samples += 1
-        return Disk(free=self.free, total=self.total)

@@ -3,20 +3,33 @@
 The heartbeat carries the child's wall time, but a wall clock jumps (NTP step,
 a VM resumed after a pause, a wrong RTC at boot), and the child's clock need not
 agree with ours. So staleness is measured from when *we* last saw the file's
-content change, on an injected monotonic clock (STYLE.md habit 5).
+content change, on an injected monotonic clock.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from pydantic import ValidationError
 
 from supervisor.core.model import HeartbeatView
 from trainer_child.protocol import Heartbeat, Layout, Phase
 
-__all__ = ["HeartbeatMonitor"]
+__all__ = ["HeartbeatMonitor", "HeartbeatSource"]
+
+
+class HeartbeatSource(Protocol):
+    """The current child's heartbeat, aged on the supervisor's clock."""
+
+    def reset(self, attempt: int, pid: int) -> None:
+        """Start tracking a new child."""
+        ...
+
+    def poll(self, child_started_at: float) -> HeartbeatView | None:
+        """Return the heartbeat and its age; None when no child is tracked."""
+        ...
 
 
 class HeartbeatMonitor:

@@ -34,7 +34,6 @@ from trainer_child.protocol import (
 __all__ = [
     "DEFAULT_BACKLOG",
     "DEFAULT_MAX_BYTES",
-    "FakeJournal",
     "FileJournal",
     "Journal",
     "read_events",
@@ -71,12 +70,18 @@ class Journal(Protocol):
         """Count the journal lines not yet on disk."""
         ...
 
+    def read_state(self) -> RunStateFile | None:
+        """Return the state.json an earlier supervisor left (None when there is none)."""
+        ...
+
 
 def _is_space_error(exc: OSError) -> bool:
     return exc.errno in _SPACE_ERRNOS
 
 
-def _entry(ts: float, event: str, attempt: int, fields: dict[str, object]) -> dict[str, object]:
+def journal_entry(
+    ts: float, event: str, attempt: int, fields: dict[str, object]
+) -> dict[str, object]:
     return {"ts": ts, "event": event, "attempt": attempt, **fields}
 
 
@@ -113,6 +118,10 @@ class FileJournal:
         """Say whether the last write attempt hit a full disk."""
         return self._full
 
+    def read_state(self) -> RunStateFile | None:
+        """Read state.json (see the module function ``read_state``)."""
+        return read_state(self._layout)
+
     def append(self, event: str, attempt: int, **fields: object) -> bool:
         """Record one event with ``ts`` (wall time: it is for humans), ``event``, ``attempt``.
 
@@ -121,7 +130,7 @@ class FileJournal:
         """
         self._last_attempt = attempt
         line = json.dumps(
-            _entry(self._wall(), event, attempt, fields), default=str, separators=(",", ":")
+            journal_entry(self._wall(), event, attempt, fields), default=str, separators=(",", ":")
         )
         if len(self._lines) == self._lines.maxlen:
             self._dropped += 1  # the deque drops the oldest line
@@ -169,7 +178,7 @@ class FileJournal:
     def _write_lines(self) -> None:
         lines = list(self._lines)
         if self._dropped:
-            note = _entry(
+            note = journal_entry(
                 self._wall(), "journal_overflow", self._last_attempt, {"dropped": self._dropped}
             )
             lines.insert(0, json.dumps(note, separators=(",", ":")).encode() + b"\n")
@@ -228,51 +237,3 @@ def read_events(layout: Layout) -> list[JournalEntry]:
 def read_state(layout: Layout) -> RunStateFile | None:
     """Read state.json; None when it is missing or unreadable."""
     return read_model(layout.state, RunStateFile)
-
-
-class FakeJournal:
-    """In-memory journal; set ``full`` to make it behave like a disk with no space."""
-
-    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
-        self._wall = wall_clock
-        self.entries: list[dict[str, object]] = []
-        self.states: list[RunStateFile] = []
-        self.full = False
-        self.full_reports = 0
-        self._lines: list[dict[str, object]] = []
-        self._pending_state: RunStateFile | None = None
-        self._reported = False
-
-    @property
-    def backlog(self) -> int:
-        """Count the entries not yet 'on disk'."""
-        return len(self._lines)
-
-    def append(self, event: str, attempt: int, **fields: object) -> bool:
-        """Record one event (held back while ``full``)."""
-        self._lines.append(_entry(self._wall(), event, attempt, fields))
-        return self.flush()
-
-    def write_state(self, state: RunStateFile) -> bool:
-        """Record the state (held back while ``full``)."""
-        self._pending_state = state
-        return self.flush()
-
-    def flush(self) -> bool:
-        """Move pending entries to ``entries`` unless ``full``."""
-        if self.full:
-            if not self._reported and (self._lines or self._pending_state is not None):
-                self._reported = True
-                self.full_reports += 1
-            return not self._lines and self._pending_state is None
-        self._reported = False
-        self.entries.extend(self._lines)
-        self._lines.clear()
-        if self._pending_state is not None:
-            self.states.append(self._pending_state)
-            self._pending_state = None
-        return True
-
-    def events(self) -> list[str]:
-        """List the event names written so far."""
-        return [str(entry["event"]) for entry in self.entries]

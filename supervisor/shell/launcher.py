@@ -1,9 +1,8 @@
 """Start, signal and stop the training child; keep its log bounded.
 
-The one place that knows how a process is started and killed (STYLE.md: "how a
-process is killed" lives in one file). Decisions are the policy's; this module
-only carries them out and reports exits through a callback that must do nothing
-but enqueue (STYLE.md habit 1).
+The one place that knows how a process is started and killed. Decisions are the
+policy's; this module only carries them out and reports exits through a callback
+that must do nothing but enqueue (docs/architecture.md, "The process model").
 
 Hazards handled here:
 
@@ -14,7 +13,7 @@ Hazards handled here:
   supervisor dies, a pipe would give the child SIGPIPE on its next print and kill
   a run that an orphan-aware restart could otherwise have kept.
 - ``stop`` escalates SIGTERM -> grace -> SIGKILL over the whole group and treats
-  an already-dead process as success (habit 6, like torch elastic's ``_close``).
+  an already-dead process as success (like torch elastic's ``_close``).
 - In some containers PID 1 never reaps, so a dead grandchild can stay a zombie
   forever; liveness checks here therefore ignore zombies.
 - A launcher (``accelerate launch``, ``torchrun``) may die before the ranks it
@@ -44,7 +43,6 @@ import structlog
 __all__ = [
     "ChildHandle",
     "ExitCallback",
-    "FakeLauncher",
     "Launcher",
     "ProcessLauncher",
     "enforce_log_cap",
@@ -423,101 +421,3 @@ class ProcessLauncher:
             self.stop(pid, grace)
         if not self.join(timeout=_AFTER_KILL_TIMEOUT):
             log.error("waiter_threads_left", count=len(self._threads))
-
-
-# --- the fake --------------------------------------------------------------------------
-
-
-@dataclass
-class FakeSpawn:
-    """One recorded ``FakeLauncher.spawn`` call."""
-
-    pid: int
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    log_path: Path
-    pass_fds: tuple[int, ...]
-    on_exit: ExitCallback
-
-
-class FakeLauncher:
-    """A scripted launcher: records calls, and exits a child when the test says so."""
-
-    def __init__(
-        self, clock: Callable[[], float] = time.monotonic, first_pid: int = 10_000
-    ) -> None:
-        self._clock = clock
-        self._next_pid = first_pid
-        self.spawns: list[FakeSpawn] = []
-        self.signals: list[tuple[int, int]] = []
-        self.stops: list[tuple[int, float]] = []
-        self.log_caps: list[tuple[Path, int]] = []
-        self.alive: set[int] = set()
-        self.stopped: set[int] = set()
-        #: Raised by the next ``spawn`` (e.g. ``FileNotFoundError``), then cleared.
-        self.fail_next: OSError | None = None
-        #: When True, ``stop`` makes the child exit with -SIGTERM like a polite child.
-        self.exit_on_stop = True
-        self.closed = False
-
-    def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: str | os.PathLike[str],
-        log_path: Path,
-        pass_fds: Sequence[int],
-        on_exit: ExitCallback,
-    ) -> ChildHandle:
-        """Record the call and hand out the next fake pid."""
-        if self.fail_next is not None:
-            error, self.fail_next = self.fail_next, None
-            raise error
-        pid = self._next_pid
-        self._next_pid += 1
-        self.spawns.append(
-            FakeSpawn(
-                pid, list(argv), dict(env), os.fspath(cwd), log_path, tuple(pass_fds), on_exit
-            )
-        )
-        self.alive.add(pid)
-        return ChildHandle(pid=pid, started_at=self._clock(), log_path=log_path)
-
-    def exit(self, pid: int, returncode: int) -> None:
-        """Make child ``pid`` exit now, calling its ``on_exit`` as the waiter thread would."""
-        self.alive.discard(pid)
-        self.stopped.discard(pid)
-        for spawn in self.spawns:
-            if spawn.pid == pid:
-                spawn.on_exit(pid, returncode)
-                return
-        raise KeyError(f"no fake child with pid {pid}")
-
-    def signal_group(self, pid: int, sig: int) -> None:
-        """Record the signal; nothing else happens unless the test calls ``exit``."""
-        self.signals.append((pid, int(sig)))
-
-    def stop(self, pid: int, grace: float) -> None:
-        """Record the stop and, by default, let the child die of SIGTERM."""
-        self.stops.append((pid, grace))
-        if self.exit_on_stop and pid in self.alive:
-            self.exit(pid, -signal.SIGTERM)
-
-    def enforce_log_cap(self, path: Path, cap_bytes: int) -> int:
-        """Record the call; nothing is cut."""
-        self.log_caps.append((path, cap_bytes))
-        return 0
-
-    def process_alive(self, pid: int) -> bool:
-        """Answer from ``alive``."""
-        return pid in self.alive
-
-    def process_stopped(self, pid: int) -> bool:
-        """Answer from ``stopped``."""
-        return pid in self.stopped
-
-    def close(self) -> None:
-        """Remember that close was called."""
-        self.closed = True

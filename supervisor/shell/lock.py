@@ -29,12 +29,35 @@ import errno
 import fcntl
 import os
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
-__all__ = ["RunLock", "held_by_someone"]
+__all__ = ["Lock", "RunLock", "held_by_someone"]
 
 log = structlog.get_logger()
+
+
+class Lock(Protocol):
+    """The run lock as the loop uses it: take it, hand it to the child, let go."""
+
+    @property
+    def held(self) -> bool:
+        """Say whether we hold it."""
+        ...
+
+    @property
+    def fd(self) -> int:
+        """Return the locked descriptor, for the child to inherit."""
+        ...
+
+    def acquire(self) -> bool:
+        """Take it without blocking; False if another process holds it."""
+        ...
+
+    def release(self) -> None:
+        """Let go of our copy (a child's copy keeps it held)."""
+        ...
 
 
 class RunLock:

@@ -32,7 +32,6 @@ import structlog
 
 __all__ = [
     "CgroupRef",
-    "FakeOomWatch",
     "OomEvidence",
     "OomSnapshot",
     "OomWatch",
@@ -206,7 +205,7 @@ class OomEvidence(Protocol):
         ...
 
 
-#: How the loop makes one ``OomEvidence`` per child (``OomWatch`` or ``FakeOomWatch``).
+#: How ``evidence.FileEvidence`` makes one ``OomEvidence`` per child, right after spawn.
 OomWatchFactory = Callable[[int], OomEvidence]
 
 
@@ -246,20 +245,3 @@ class OomWatch:
     def kernel_log_oom(self) -> bool:
         """Say whether the kernel log reports killing the child after the snapshot."""
         return kernel_log_oom(self.snapshot.pid, self.snapshot.kmsg_seq, self._kmsg)
-
-
-class FakeOomWatch:
-    """Scripted OOM evidence for one child."""
-
-    def __init__(self, pid: int, *, cgroup_killed: bool = False, kmsg_killed: bool = False) -> None:
-        self.pid = pid
-        self.cgroup_killed = cgroup_killed
-        self.kmsg_killed = kmsg_killed
-
-    def oom_killed_since(self) -> bool:
-        """Answer from ``cgroup_killed``."""
-        return self.cgroup_killed
-
-    def kernel_log_oom(self) -> bool:
-        """Answer from ``kmsg_killed``."""
-        return self.kmsg_killed

@@ -11,13 +11,14 @@ pids still mean what they meant, because pids are reused.
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 import psutil
 
 from supervisor.shell.lock import held_by_someone
 from trainer_child.protocol import ENV_OUTPUT_DIR, Layout, RunStateFile
 
-__all__ = ["create_time", "find_orphan", "supervisor_alive"]
+__all__ = ["Peers", "ProcPeers", "create_time", "find_orphan", "supervisor_alive"]
 
 #: ``create_time`` is wall-clock based (boot time + start ticks); a wall clock
 #: stepped by more than this between two supervisors makes the orphan
@@ -110,3 +111,38 @@ def supervisor_alive(state: RunStateFile | None) -> bool:
     except psutil.Error:
         return False
     return "python" in name or "trainwarden" in name or "trainwarden" in cmdline
+
+
+class Peers(Protocol):
+    """What the loop asks about processes it did not start itself."""
+
+    def supervisor_alive(self, state: RunStateFile | None) -> bool:
+        """Say whether the supervisor named in state.json still runs (and is not us)."""
+        ...
+
+    def find_orphan(self, state: RunStateFile | None) -> int | None:
+        """Return the pid of an earlier supervisor's child still training here, if any."""
+        ...
+
+    def create_time(self, pid: int) -> float | None:
+        """Return ``pid``'s create time, recorded so a recycled pid is never taken for it."""
+        ...
+
+
+class ProcPeers:
+    """The real answers, from /proc (psutil) and the run lock of one output_dir."""
+
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
+
+    def supervisor_alive(self, state: RunStateFile | None) -> bool:
+        """See the module function ``supervisor_alive``."""
+        return supervisor_alive(state)
+
+    def find_orphan(self, state: RunStateFile | None) -> int | None:
+        """See the module function ``find_orphan``."""
+        return find_orphan(self._layout, state)
+
+    def create_time(self, pid: int) -> float | None:
+        """See the module function ``create_time``."""
+        return create_time(pid)

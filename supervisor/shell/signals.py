@@ -1,6 +1,6 @@
 """Turn SIGTERM, SIGINT and SIGHUP into events on the loop's queue, and nothing more.
 
-Handlers only enqueue (STYLE.md habit 1, like gunicorn's arbiter): deciding what
+Handlers only enqueue (as gunicorn's arbiter does): deciding what
 a signal means (forward it, wait for the emergency checkpoint, exit) is the
 policy's job, in the main loop, where no state can be half-updated.
 

@@ -1,8 +1,8 @@
 """The checkpoint store: list, re-verify, quarantine and delete ``checkpoint-N`` folders.
 
 The supervisor loop reaches checkpoints only through ``CheckpointStore``;
-``FileCheckpointStore`` is the real one over an output_dir, ``FakeCheckpointStore``
-the in-memory one for the loop's unit tests.
+``FileCheckpointStore`` is the real one over an output_dir, and
+``supervisor.shell.testing.FakeCheckpointStore`` the in-memory one.
 
 Every mutation is a ``rename`` first (atomic: ``.warden/`` lives inside
 output_dir, so on the same filesystem), then the slow part. Whenever it is
@@ -18,11 +18,11 @@ Also here, for the ``trainwarden checkpoints`` and ``prune`` commands:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +31,24 @@ from typing import Protocol
 import structlog
 
 from supervisor.core import checkpoints, retention
-from supervisor.core.model import CheckpointEntry, Integrity, Inventory
+from supervisor.core.model import CheckpointEntry, Inventory
 from supervisor.shell.lock import held_by_someone
 from supervisor.shell.verify import VerdictCache, list_folder, verify_checkpoint
-from trainer_child.protocol import Layout, atomic_write_bytes, checkpoint_step, fsync_dir
+from trainer_child.protocol import (
+    EntryKind,
+    Layout,
+    atomic_write_bytes,
+    checkpoint_name,
+    checkpoint_step,
+    entry_kind,
+    fsync_dir,
+    is_real_dir,
+)
 
 __all__ = [
     "QUARANTINED",
     "CheckpointRow",
     "CheckpointStore",
-    "FakeCheckpointStore",
     "FileCheckpointStore",
     "RefusedError",
     "child_alive",
@@ -67,24 +75,13 @@ class RefusedError(OSError):
 
 def dir_size(path: Path) -> int:
     """Return the bytes of regular files at or below ``path``, never following a symlink."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    if stat.S_ISDIR(info.st_mode):
+    kind = entry_kind(path)
+    if kind is EntryKind.DIRECTORY:
         return list_folder(path).total_bytes
-    return info.st_size if stat.S_ISREG(info.st_mode) else 0
-
-
-def _canonical_step(name: str) -> int | None:
-    """Return N for exactly ``checkpoint-N`` (no leading zeros), else None.
-
-    ``checkpoint-05`` matches CHECKPOINT_RE but is not what HF writes and is not
-    ``Layout.checkpoint(5)``; treating it as step 5 would make ``remove(5)`` act
-    on a different folder than the one listed, so it is not a checkpoint at all.
-    """
-    step = checkpoint_step(name)
-    return step if step is not None and name == f"checkpoint-{step}" else None
+    if kind is EntryKind.FILE:
+        with contextlib.suppress(FileNotFoundError):
+            return os.lstat(path).st_size
+    return 0
 
 
 def child_alive(layout: Layout) -> bool:
@@ -159,11 +156,11 @@ class FileCheckpointStore:
         except FileNotFoundError:
             listing = []
         for dir_entry in listing:
-            step = _canonical_step(dir_entry.name)
+            step = checkpoint_step(dir_entry.name)
             if step is None:
                 continue
             path = Path(dir_entry.path)
-            if dir_entry.is_symlink():
+            if entry_kind(path) is EntryKind.SYMLINK:
                 # Judged without the cache: verify_checkpoint only lstats a symlink.
                 entries.append(verify_checkpoint(path, require_record=self.require_record))
                 continue
@@ -176,8 +173,8 @@ class FileCheckpointStore:
         return Inventory(
             entries=tuple(entries),
             final_complete=self._final_complete(),
-            trash_bytes=self._real_dir_size(self.layout.trash),
-            quarantine_bytes=self._real_dir_size(self.layout.quarantine),
+            trash_bytes=dir_size(self.layout.trash),
+            quarantine_bytes=dir_size(self.layout.quarantine),
         )
 
     def verify_for_resume(self, step: int) -> CheckpointEntry:
@@ -187,8 +184,8 @@ class FileCheckpointStore:
         timestamp tick, or bit rot on disk, changes neither. The fresh verdict
         replaces the cached one, so a scan after a failed check agrees with it.
         """
-        path = self.layout.checkpoint(_checked_step(step))
-        if os.path.islink(path):
+        path = self.layout.checkpoint(step)
+        if entry_kind(path) is EntryKind.SYMLINK:
             return verify_checkpoint(path, require_record=self.require_record)
         return self.cache.checkpoint(
             path, require_record=self.require_record, deep=True, fresh=True
@@ -242,12 +239,11 @@ class FileCheckpointStore:
 
     def _source(self, step: int) -> Path | None:
         """Return ``checkpoint-N`` if it exists and may be moved; refuse a symlink."""
-        path = self.layout.checkpoint(_checked_step(step))
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
+        path = self.layout.checkpoint(step)
+        kind = entry_kind(path)
+        if kind is EntryKind.MISSING:
             return None
-        if stat.S_ISLNK(info.st_mode):
+        if kind is EntryKind.SYMLINK:
             raise RefusedError(f"{path} is a symlink: trainwarden never moves or deletes one")
         return path
 
@@ -264,7 +260,7 @@ class FileCheckpointStore:
     def _refuse_unless_real_dirs(self, path: Path) -> None:
         """Raise RefusedError unless ``.warden`` and ``path`` are real directories."""
         for part in (self.layout.warden, path):
-            if not stat.S_ISDIR(os.lstat(part).st_mode):
+            if not is_real_dir(part):
                 raise RefusedError(f"{part} is not a real directory: refusing to use it")
 
     def _move_into(self, folder: Path, source: Path) -> Path:
@@ -272,9 +268,9 @@ class FileCheckpointStore:
         folder = self._warden_subdir(folder)
         slot = folder / source.name
         suffix = 0
-        # lexists, not exists: a dangling symlink still occupies the name, and
+        # A dangling symlink still occupies the name, and
         # rename() over an existing *empty* directory would silently replace it.
-        while os.path.lexists(slot) or os.path.lexists(slot.with_name(slot.name + _REASON_SUFFIX)):
+        while _taken(slot) or _taken(slot.with_name(slot.name + _REASON_SUFFIX)):
             suffix += 1
             slot = folder / f"{source.name}-{suffix}"
         os.rename(source, slot)
@@ -287,7 +283,7 @@ class FileCheckpointStore:
 
     def _empty(self, folder: Path) -> int:
         """Delete every slot in ``folder`` (trash or quarantine); return the bytes freed."""
-        if not os.path.lexists(folder):
+        if entry_kind(folder) is EntryKind.MISSING:
             return 0
         self._refuse_unless_real_dirs(folder)
         with os.scandir(folder) as iterator:
@@ -296,20 +292,14 @@ class FileCheckpointStore:
 
     def _final_complete(self) -> bool:
         """Say whether ``final/`` is a real, complete final save (cached like checkpoints)."""
-        if not os.path.lexists(self.layout.final) or os.path.islink(self.layout.final):
+        if not is_real_dir(self.layout.final):
             return False
         return self.cache.final(self.layout.final)
 
-    @staticmethod
-    def _real_dir_size(path: Path) -> int:
-        return 0 if os.path.islink(path) else dir_size(path)
 
-
-def _checked_step(step: int) -> int:
-    """Reject a negative step: ``checkpoint--1`` is never a folder we made."""
-    if step < 0:
-        raise ValueError(f"a checkpoint step is >= 0, got {step}")
-    return step
+def _taken(path: Path) -> bool:
+    """Whether a name is in use: a dangling symlink occupies it as much as a folder."""
+    return entry_kind(path) is not EntryKind.MISSING
 
 
 def _delete_slot(slot: Path) -> int:
@@ -318,12 +308,11 @@ def _delete_slot(slot: Path) -> int:
     A symlink is unlinked, never followed; a real directory goes with rmtree,
     which on Linux works through directory fds and unlinks symlinks inside.
     """
-    try:
-        info = os.lstat(slot)
-    except FileNotFoundError:
+    kind = entry_kind(slot)
+    if kind is EntryKind.MISSING:
         return 0
     try:
-        if stat.S_ISDIR(info.st_mode):
+        if kind is EntryKind.DIRECTORY:
             shutil.rmtree(slot)
         else:
             os.unlink(slot)
@@ -332,86 +321,6 @@ def _delete_slot(slot: Path) -> int:
         log.warning("delete_incomplete", path=str(slot), error=str(exc), bytes_left=left)
         return left
     return 0
-
-
-# --- the fake -------------------------------------------------------------------------------
-
-
-class FakeCheckpointStore:
-    """An in-memory store for the loop's unit tests: scripted verdicts, recorded calls."""
-
-    def __init__(
-        self,
-        entries: tuple[CheckpointEntry, ...] = (),
-        *,
-        final_complete: bool = False,
-        trash_bytes: int = 0,
-        quarantine_bytes: int = 0,
-    ) -> None:
-        self.entries: dict[int, CheckpointEntry] = {entry.step: entry for entry in entries}
-        self.final_complete = final_complete
-        self.trash_bytes = trash_bytes
-        self.quarantine_bytes = quarantine_bytes
-        #: What verify_for_resume answers for a step, when it should differ from the
-        #: inventory (damage the cache could not see).
-        self.resume_verdicts: dict[int, CheckpointEntry] = {}
-        self.quarantined: list[tuple[int, str]] = []
-        self.removed: list[tuple[int, str]] = []
-        self.calls: list[str] = []
-
-    def put(self, entry: CheckpointEntry) -> None:
-        """Make ``entry`` appear on the fake disk (a commit, or a damage)."""
-        self.entries[entry.step] = entry
-
-    def inventory(self) -> Inventory:
-        self.calls.append("inventory")
-        return Inventory(
-            entries=tuple(self.entries[step] for step in sorted(self.entries)),
-            final_complete=self.final_complete,
-            trash_bytes=self.trash_bytes,
-            quarantine_bytes=self.quarantine_bytes,
-        )
-
-    def verify_for_resume(self, step: int) -> CheckpointEntry:
-        self.calls.append(f"verify_for_resume {step}")
-        if step in self.resume_verdicts:
-            return self.resume_verdicts[step]
-        return self.entries.get(
-            step, CheckpointEntry(step, Integrity.INCOMPLETE, problems=("folder does not exist",))
-        )
-
-    def quarantine(self, step: int, reason: str) -> Path | None:
-        self.calls.append(f"quarantine {step}")
-        entry = self._take(step)
-        if entry is None:
-            return None
-        self.quarantined.append((step, reason))
-        self.quarantine_bytes += entry.size_bytes
-        return Path(".warden/quarantine") / f"checkpoint-{step}"
-
-    def remove(self, step: int, reason: str) -> int:
-        self.calls.append(f"remove {step}")
-        entry = self._take(step)
-        if entry is None:
-            return 0
-        self.removed.append((step, reason))
-        return entry.size_bytes
-
-    def empty_trash(self) -> int:
-        self.calls.append("empty_trash")
-        freed, self.trash_bytes = self.trash_bytes, 0
-        return freed
-
-    def purge_quarantine(self) -> int:
-        self.calls.append("purge_quarantine")
-        freed, self.quarantine_bytes = self.quarantine_bytes, 0
-        return freed
-
-    def _take(self, step: int) -> CheckpointEntry | None:
-        entry = self.entries.get(step)
-        if entry is not None and entry.symlink:
-            raise RefusedError(f"checkpoint-{step} is a symlink")
-        return self.entries.pop(step, None)
 
 
 # --- views for the CLI ----------------------------------------------------------------------
@@ -460,7 +369,7 @@ def describe_checkpoints(
             statuses[entry.step].value,
             entry.size_bytes,
             entry.problems,
-            f"checkpoint-{entry.step}",
+            checkpoint_name(entry.step),
         )
         for entry in inventory.entries
     ]
@@ -470,7 +379,7 @@ def describe_checkpoints(
 
 
 def _quarantined_rows(layout: Layout) -> list[CheckpointRow]:
-    if not os.path.isdir(layout.quarantine) or os.path.islink(layout.quarantine):
+    if not is_real_dir(layout.quarantine):
         return []
     rows: list[CheckpointRow] = []
     with os.scandir(layout.quarantine) as iterator:

@@ -28,7 +28,6 @@ import structlog
 
 __all__ = [
     "NOTIFY_ENV_VARS",
-    "FakeNotifier",
     "Notifier",
     "SystemdNotifier",
     "child_environment",
@@ -85,11 +84,11 @@ def _socket_address(raw: str) -> str | bytes | None:
     return None
 
 
-def _usec(seconds: float) -> int:
+def usec(seconds: float) -> int:
     return max(0, round(seconds * 1_000_000))
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     # A newline would end the STATUS= assignment and start a bogus one.
     return " ".join(text.splitlines())
 
@@ -150,7 +149,7 @@ class SystemdNotifier:
 
     def status(self, text: str) -> None:
         """Send STATUS= with ``text`` folded onto one line."""
-        self._send(f"STATUS={_one_line(text)}")
+        self._send(f"STATUS={one_line(text)}")
 
     def watchdog(self) -> None:
         """Send WATCHDOG=1 at most once per half watchdog period.
@@ -176,7 +175,7 @@ class SystemdNotifier:
 
     def extend_timeout(self, seconds: float) -> None:
         """Send EXTEND_TIMEOUT_USEC=, e.g. while an emergency checkpoint is written."""
-        self._send(f"EXTEND_TIMEOUT_USEC={_usec(seconds)}")
+        self._send(f"EXTEND_TIMEOUT_USEC={usec(seconds)}")
 
     def _send(self, message: str) -> None:
         if self._address is None:
@@ -193,49 +192,3 @@ class SystemdNotifier:
                     error=str(exc),
                     errno=exc.errno,
                 )
-
-
-class FakeNotifier:
-    """Record every message in ``messages`` instead of sending it.
-
-    No rate limit: a test of the main loop sees each ``watchdog()`` call.
-    """
-
-    def __init__(self, watchdog_interval: float | None = None, pid: int = 4242) -> None:
-        self.messages: list[str] = []
-        self._interval = watchdog_interval
-        self._pid = pid
-
-    def ready(self) -> None:
-        """Record READY=1."""
-        self.messages.append(f"READY=1\nMAINPID={self._pid}")
-
-    def status(self, text: str) -> None:
-        """Record STATUS=."""
-        self.messages.append(f"STATUS={_one_line(text)}")
-
-    def watchdog(self) -> None:
-        """Record WATCHDOG=1."""
-        self.messages.append("WATCHDOG=1")
-
-    def watchdog_interval(self) -> float | None:
-        """Return the interval given at construction."""
-        return self._interval
-
-    def stopping(self) -> None:
-        """Record STOPPING=1."""
-        self.messages.append("STOPPING=1")
-
-    def extend_timeout(self, seconds: float) -> None:
-        """Record EXTEND_TIMEOUT_USEC=."""
-        self.messages.append(f"EXTEND_TIMEOUT_USEC={_usec(seconds)}")
-
-    @property
-    def statuses(self) -> list[str]:
-        """The STATUS= texts sent so far, oldest first."""
-        return [m.removeprefix("STATUS=") for m in self.messages if m.startswith("STATUS=")]
-
-    @property
-    def pings(self) -> int:
-        """How many WATCHDOG=1 were sent."""
-        return self.messages.count("WATCHDOG=1")

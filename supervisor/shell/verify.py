@@ -1,6 +1,6 @@
 """How a checkpoint is judged: every rule that makes ``checkpoint-N`` COMPLETE lives here.
 
-DESIGN.md "Which checkpoint is valid" is the spec. A folder is COMPLETE when:
+docs/architecture.md, "Which checkpoint is valid", is the spec. A folder is COMPLETE when:
 
 1. it is a real directory (a symlink is listed, never followed, never complete)
    named ``checkpoint-N``;
@@ -55,7 +55,15 @@ import xxhash
 from pydantic import ValidationError
 
 from supervisor.core.model import CheckpointEntry, Integrity
-from trainer_child.protocol import COMMIT_RECORD, TRAINER_STATE, CommitRecord, checkpoint_step
+from trainer_child.protocol import (
+    COMMIT_RECORD,
+    TRAINER_STATE,
+    CommitRecord,
+    EntryKind,
+    checkpoint_step,
+    entry_kind,
+    is_real_dir,
+)
 
 __all__ = [
     "FileStat",
@@ -83,6 +91,8 @@ MAX_PROBLEMS_PER_FILE = 3
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 _ZIP_SUFFIXES = frozenset({".pt", ".pth", ".bin"})
+#: Files whose own structure is checked whether or not a record lists them.
+_STRUCTURED_SUFFIXES = _ZIP_SUFFIXES | {".safetensors"}
 _WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".distcp"})
 #: Files HF saves beside the weights; they hold training state, not the model.
 _TRAINING_STATE_FILES = frozenset(
@@ -491,62 +501,75 @@ def _check_files(
     Cheap checks run for every file before any deep read, so a shallow verify
     costs a few small reads per file whatever the checkpoint's size.
     """
-    expected: dict[str, str] = {}
-    if record is not None:
-        for entry in record.files:
-            relpath = _safe_relpath(entry.path)
-            if relpath is None:
-                findings.damaged.append(f"record lists an unsafe path {entry.path!r}")
-                continue
-            found = listing.by_path.get(relpath)
-            if found is None:
-                what = "is not a regular file" if relpath in listing.irregular else "is missing"
-                findings.damaged.append(f"{relpath}: listed in the record but {what}")
-            elif found.size != entry.size:
-                findings.damaged.append(
-                    f"{relpath}: {found.size} bytes, the record says {entry.size}"
-                )
-            else:
-                expected[relpath] = entry.hash
-
+    expected = _expected_hashes(listing, record, findings) if record is not None else {}
+    algorithm = record.hash_algorithm if record is not None else None
     for found in listing.files:
         suffix = PurePosixPath(found.relpath).suffix
-        is_zip_suffix = suffix in _ZIP_SUFFIXES
-        if suffix != ".safetensors" and not is_zip_suffix and found.relpath not in expected:
+        if suffix not in _STRUCTURED_SUFFIXES and found.relpath not in expected:
             continue
-        path = folder / found.relpath
         try:
-            problems: list[str] = []
-            stored: list[StoredZipMember] = []
-            compressed: list[str] = []
-            if (suffix == ".safetensors" or is_zip_suffix) and found.size == 0:
-                problems.append("empty file")
-            elif suffix == ".safetensors":
-                problems += _safetensors_problems(path, found.size)
-            elif is_zip_suffix:
-                stored, compressed, zip_problems = zip_layout(path, found.size)
-                problems += zip_problems
-            if deep and (found.relpath in expected or stored):
-                algorithm = record.hash_algorithm if found.relpath in expected and record else None
-                digest, bad_members, bytes_read = read_and_check(path, algorithm, stored)
-                if bytes_read != found.size:
-                    problems.append(
-                        f"changed while being read ({bytes_read} of {found.size} bytes)"
-                    )
-                elif digest is not None and digest != expected[found.relpath]:
-                    problems.append("hash mismatch: the bytes differ from the record")
-                problems += [
-                    f"CRC-32 mismatch in zip member {name!r} (torch.load would not notice)"
-                    for name in bad_members
-                ]
-            if deep and compressed:
-                problems += _compressed_member_problems(path, compressed)
+            problems = _file_problems(
+                folder / found.relpath, found, expected.get(found.relpath), algorithm, deep=deep
+            )
         except FileNotFoundError:
             problems = ["vanished while being checked"]
         except OSError as exc:
             # EIO and friends: unreadable bytes are as bad as wrong ones for a resume.
             problems = [f"unreadable ({exc.strerror or exc.__class__.__name__})"]
         findings.add_file(found.relpath, problems)
+
+
+def _expected_hashes(
+    listing: FolderListing, record: CommitRecord, findings: _Findings
+) -> dict[str, str]:
+    """Map each file the record lists to its hash, noting listed files absent or resized."""
+    expected: dict[str, str] = {}
+    for entry in record.files:
+        relpath = _safe_relpath(entry.path)
+        if relpath is None:
+            findings.damaged.append(f"record lists an unsafe path {entry.path!r}")
+            continue
+        found = listing.by_path.get(relpath)
+        if found is None:
+            what = "is not a regular file" if relpath in listing.irregular else "is missing"
+            findings.damaged.append(f"{relpath}: listed in the record but {what}")
+        elif found.size != entry.size:
+            findings.damaged.append(f"{relpath}: {found.size} bytes, the record says {entry.size}")
+        else:
+            expected[relpath] = entry.hash
+    return expected
+
+
+def _file_problems(
+    path: Path, found: FileStat, expected: str | None, algorithm: str | None, *, deep: bool
+) -> list[str]:
+    """One file's structure (safetensors header, zip directory) and, when deep, its bytes."""
+    suffix = PurePosixPath(found.relpath).suffix
+    problems: list[str] = []
+    stored: list[StoredZipMember] = []
+    compressed: list[str] = []
+    if suffix in _STRUCTURED_SUFFIXES and found.size == 0:
+        problems.append("empty file")
+    elif suffix == ".safetensors":
+        problems += _safetensors_problems(path, found.size)
+    elif suffix in _ZIP_SUFFIXES:
+        stored, compressed, zip_problems = zip_layout(path, found.size)
+        problems += zip_problems
+    if deep and (expected is not None or stored):
+        digest, bad_members, bytes_read = read_and_check(
+            path, algorithm if expected is not None else None, stored
+        )
+        if bytes_read != found.size:
+            problems.append(f"changed while being read ({bytes_read} of {found.size} bytes)")
+        elif digest is not None and digest != expected:
+            problems.append("hash mismatch: the bytes differ from the record")
+        problems += [
+            f"CRC-32 mismatch in zip member {name!r} (torch.load would not notice)"
+            for name in bad_members
+        ]
+    if deep and compressed:
+        problems += _compressed_member_problems(path, compressed)
+    return problems
 
 
 def verify_checkpoint(path: Path, *, require_record: bool, deep: bool = True) -> CheckpointEntry:
@@ -558,24 +581,28 @@ def verify_checkpoint(path: Path, *, require_record: bool, deep: bool = True) ->
     under output_dir.
     """
     step = checkpoint_step(path.name)
-    if step is None or path.name != f"checkpoint-{step}":
+    if step is None:
         raise ValueError(f"{path} is not named checkpoint-N")
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
+    kind = entry_kind(path)
+    if kind is EntryKind.MISSING:
         return CheckpointEntry(step, Integrity.INCOMPLETE, problems=("folder does not exist",))
-    if stat.S_ISLNK(info.st_mode):
+    if kind is EntryKind.SYMLINK:
         return CheckpointEntry(
             step,
             Integrity.INCOMPLETE,
             symlink=True,
             problems=("is a symlink: never followed, never resumed from, never deleted",),
         )
-    if not stat.S_ISDIR(info.st_mode):
+    if kind is not EntryKind.DIRECTORY:
+        size = os.lstat(path).st_size if kind is EntryKind.FILE else 0
         return CheckpointEntry(
-            step, Integrity.INCOMPLETE, size_bytes=info.st_size, problems=("not a directory",)
+            step, Integrity.INCOMPLETE, size_bytes=size, problems=("not a directory",)
         )
+    return _judge_folder(path, step, require_record=require_record, deep=deep)
 
+
+def _judge_folder(path: Path, step: int, *, require_record: bool, deep: bool) -> CheckpointEntry:
+    """Judge a real ``checkpoint-N`` directory: record, trainer state, then every file."""
     listing = list_folder(path)
     findings = _Findings()
     record = _read_record(path, listing)
@@ -631,13 +658,12 @@ def verify_checkpoint(path: Path, *, require_record: bool, deep: bool = True) ->
 
 def final_problems(path: Path, *, deep: bool = True) -> tuple[str, ...]:
     """List what keeps ``output_dir/final`` from being a proven-complete final save."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
+    kind = entry_kind(path)
+    if kind is EntryKind.MISSING:
         return ("does not exist",)
-    if stat.S_ISLNK(info.st_mode):
+    if kind is EntryKind.SYMLINK:
         return ("is a symlink: never followed",)
-    if not stat.S_ISDIR(info.st_mode):
+    if kind is not EntryKind.DIRECTORY:
         return ("not a directory",)
     listing = list_folder(path)
     findings = _Findings()
@@ -665,16 +691,16 @@ Fingerprint = tuple[object, ...]
 def folder_fingerprint(path: Path) -> Fingerprint | None:
     """Summarise a folder's files so any write, truncation or swap changes it; None if absent.
 
-    (name, size, mtime_ns) of every file, as DESIGN.md asks, plus ctime and inode:
+    (name, size, mtime_ns) of every file, plus ctime and inode:
     ``os.utime`` can put an mtime back but not a ctime, and a different folder
     renamed into place has different inodes. It still cannot see an in-place
     rewrite within one timestamp tick, which is why a resume re-verifies fully.
     """
+    if not is_real_dir(path):
+        return None
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return None
-    if not stat.S_ISDIR(info.st_mode):
         return None
     listing = list_folder(path)
     return (

@@ -33,9 +33,9 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from trainer_child.protocol import CHECKPOINT_RE, COMMIT_RECORD, TRAINER_STATE
+from trainer_child.protocol import COMMIT_RECORD, TRAINER_STATE, checkpoint_step
 
-__all__ = ["CheckpointWatcher", "FakeWatcher", "Watcher", "is_relevant"]
+__all__ = ["CheckpointWatcher", "Coalescer", "Watcher", "WatcherFactory", "is_relevant", "observe"]
 
 log = structlog.get_logger()
 
@@ -65,6 +65,10 @@ class Watcher(Protocol):
         ...
 
 
+#: How the loop makes its watcher: ``(output_dir, on_change) -> Watcher``.
+WatcherFactory = Callable[[Path, Callable[[], None]], Watcher]
+
+
 def _is_inventory_path(output_dir: str, path: str) -> bool:
     if not path:
         return False
@@ -73,7 +77,7 @@ def _is_inventory_path(output_dir: str, path: str) -> bool:
     if parts[0] == os.pardir or parts[0] == os.curdir:
         return False
     top = parts[0]
-    if not (CHECKPOINT_RE.match(top) or top == _FINAL):
+    if not (checkpoint_step(top) is not None or top == _FINAL):
         return False
     return len(parts) == 1 or (len(parts) == 2 and parts[1] in _MARKERS)
 
@@ -90,7 +94,7 @@ def is_relevant(output_dir: str, event: FileSystemEvent) -> bool:
     return _is_inventory_path(output_dir, src) or _is_inventory_path(output_dir, dest)
 
 
-class _Coalescer:
+class Coalescer:
     """Turn bursts of ``poke()`` into one callback per ``window`` seconds, trailing edge kept.
 
     A thread waits for a poke, lets the burst settle for ``window``, clears the
@@ -131,19 +135,42 @@ class _Coalescer:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, output_dir: str, poke: Callable[[], None]) -> None:
+    def __init__(self, output_dir: str, on_relevant: Callable[[FileSystemEvent], None]) -> None:
         self._output_dir = output_dir
-        self._poke = poke
+        self._on_relevant = on_relevant
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if is_relevant(self._output_dir, event):
-            self._poke()
+            self._on_relevant(event)
+
+
+def observe(output_dir: str, on_relevant: Callable[[FileSystemEvent], None]) -> BaseObserver:
+    """Start an inotify observer that calls ``on_relevant`` for each relevant event, in order.
+
+    The kernel is asked for creations, deletions and moves only (see the module
+    docstring). The callback runs on the observer's thread; stop and join the
+    returned observer when done. Raises OSError if ``output_dir`` is missing.
+    """
+    observer = Observer()
+    observer.start()
+    try:
+        observer.schedule(
+            _Handler(output_dir, on_relevant),
+            output_dir,
+            recursive=True,
+            event_filter=_EVENT_FILTER,
+        )
+    except BaseException:
+        observer.stop()
+        observer.join()
+        raise
+    return observer
 
 
 class CheckpointWatcher:
     """Call ``on_change`` (coalesced, from a watcher thread) when checkpoint folders change.
 
-    ``on_change`` must only enqueue; all work happens in the loop (habit 1).
+    ``on_change`` must only enqueue; all work happens in the loop.
     """
 
     def __init__(
@@ -160,26 +187,14 @@ class CheckpointWatcher:
         # Created in start(): watchdog's inotify observer starts a reader thread
         # in its constructor, which would leak if start() were never called.
         self._observer: BaseObserver | None = None
-        self._coalescer: _Coalescer | None = None
+        self._coalescer: Coalescer | None = None
 
     def start(self) -> None:
         """Start the observer and the coalescing thread; raise OSError if output_dir is missing."""
         if self._observer is not None:
             return
-        coalescer = _Coalescer(self._on_change, self._coalesce)
-        observer = Observer()
-        observer.start()
-        try:
-            observer.schedule(
-                _Handler(self.output_dir, coalescer.poke),
-                self.output_dir,
-                recursive=True,
-                event_filter=_EVENT_FILTER,
-            )
-        except BaseException:
-            observer.stop()
-            observer.join()
-            raise
+        coalescer = Coalescer(self._on_change, self._coalesce)
+        observer = observe(self.output_dir, lambda event: coalescer.poke())
         coalescer.start()
         self._observer, self._coalescer = observer, coalescer
         log.debug("watcher_started", output_dir=self.output_dir)
@@ -200,26 +215,3 @@ class CheckpointWatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-class FakeWatcher:
-    """A watcher the test fires by hand with ``trigger()``."""
-
-    def __init__(self, on_change: Callable[[], None]) -> None:
-        self._on_change = on_change
-        self.running = False
-        self.starts = 0
-
-    def start(self) -> None:
-        """Mark the watcher running."""
-        self.running = True
-        self.starts += 1
-
-    def stop(self) -> None:
-        """Mark the watcher stopped."""
-        self.running = False
-
-    def trigger(self) -> None:
-        """Deliver one change notification, as the real watcher would after a burst."""
-        if self.running:
-            self._on_change()

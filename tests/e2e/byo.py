@@ -14,11 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tests.integration.childkit import REPO_ROOT
-from tests.integration.supervised import FAST_RESTART, Job
-from trainer_child.protocol import TRAINER_STATE, checkpoint_step
+from tests.support.jobs import FAST_RESTART, Job, write_yaml
+from tests.support.processes import REPO_ROOT
+from trainer_child.protocol import TRAINER_STATE
 
 PLAIN_TRAINER = REPO_ROOT / "examples" / "plain_trainer.py"
 RESUME_FLAG = ["--resume_from_checkpoint", "{resume_from}"]
@@ -106,9 +104,7 @@ def write_command_config(
         "restart": {**FAST_RESTART, **(restart or {})},
         **sections,
     }
-    path = directory / name
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return Job(path=path, output_dir=output_dir)
+    return Job(path=write_yaml(directory / name, document), output_dir=output_dir)
 
 
 def run_unsupervised(
@@ -127,12 +123,6 @@ def run_unsupervised(
             check=False,
         )
     assert done.returncode == 0, log_path.read_text(errors="replace")[-4000:]
-
-
-def checkpoint_steps(output_dir: Path) -> list[int]:
-    """Every ``checkpoint-N`` step directly under ``output_dir``, sorted."""
-    steps = [checkpoint_step(p.name) for p in output_dir.iterdir() if p.is_dir()]
-    return sorted(s for s in steps if s is not None)
 
 
 def global_step(checkpoint: Path) -> int:

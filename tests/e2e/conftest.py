@@ -1,19 +1,59 @@
-"""Fixtures for supervised runs of programs nobody here wrote: TRL's CLI, a Trainer script."""
+"""Session fixtures for real-process tests: one model cache, one reference run per job."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.integration.conftest import cache_home, env  # noqa: F401 - shared session fixtures
+from tests.support.jobs import STANDARD_SFT, child_env, run_to_end, write_tiny_job
 
 
 @pytest.fixture(scope="session")
-def tiny_model(cache_home: Path, env: dict[str, str]) -> Path:  # noqa: F811 - fixture argument
+def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One XDG cache for the session, so the built-in model is built once."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+@pytest.fixture(scope="session")
+def env(cache_home: Path) -> dict[str, str]:
+    """An offline, single-threaded environment for children and supervisors."""
+    return child_env(cache_home)
+
+
+@pytest.fixture(scope="session")
+def reference_final(
+    tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]
+) -> Callable[..., Path]:
+    """Return final/ of an uninterrupted run of the standard job (with sft overrides).
+
+    Runs ``python -m trainer_child`` with no supervisor and no fault, once per
+    distinct set of overrides, so every recovery test compares against the same
+    ground truth.
+    """
+    cache: dict[str, Path] = {}
+
+    def get(**sft: Any) -> Path:
+        settings = {**STANDARD_SFT, **sft}
+        key = json.dumps(settings, sort_keys=True)
+        if key not in cache:
+            root = tmp_path_factory.mktemp("reference")
+            job = write_tiny_job(root / "job.json", root / "out", **settings)
+            code, log = run_to_end(job, env, root / "child.log", timeout=300)
+            assert code == 0, log
+            cache[key] = root / "out" / "final"
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_home: Path, env: dict[str, str]) -> Path:
     """The built-in tiny GPT-2 as a plain local model folder, as a user would pass it."""
     code = "from trainer_child.builtin import ensure_tiny_gpt2; print(ensure_tiny_gpt2())"
     done = subprocess.run(

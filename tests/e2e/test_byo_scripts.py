@@ -17,21 +17,15 @@ import psutil
 import pytest
 
 from tests.e2e.byo import (
-    checkpoint_steps,
     global_step,
     plain_trainer_argv,
     run_unsupervised,
     status_json,
     write_command_config,
 )
-from tests.integration.supervised import (
-    assert_bit_identical,
-    events,
-    heartbeat,
-    run_supervised,
-    supervisor_process,
-    wait_for,
-)
+from tests.support.outputs import assert_bit_identical, checkpoint_steps, events, heartbeat
+from tests.support.processes import wait_for
+from tests.support.supervised import run_supervised, supervisor_process
 from trainer_child.protocol import COMMIT_RECORD, Phase
 
 pytestmark = pytest.mark.slow

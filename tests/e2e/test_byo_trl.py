@@ -22,22 +22,16 @@ import pytest
 
 from tests.e2e.byo import (
     RESUME_FLAG,
-    checkpoint_steps,
     global_step,
     run_unsupervised,
     status_json,
     trl_sft_argv,
     write_command_config,
 )
-from tests.integration.supervised import (
-    Job,
-    assert_bit_identical,
-    events,
-    heartbeat,
-    run_supervised,
-    supervisor_process,
-    wait_for,
-)
+from tests.support.jobs import Job
+from tests.support.outputs import assert_bit_identical, checkpoint_steps, events, heartbeat
+from tests.support.processes import wait_for
+from tests.support.supervised import run_supervised, supervisor_process
 from trainer_child.protocol import (
     COMMIT_RECORD,
     CommitRecord,

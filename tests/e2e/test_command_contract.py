@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from tests.e2e.byo import RESUME_FLAG, status_json, write_command_config
-from tests.integration.childkit import REPO_ROOT
-from tests.integration.supervised import events, run_supervised, supervisor_process, wait_for
+from tests.support.outputs import events
+from tests.support.processes import REPO_ROOT, wait_for
+from tests.support.supervised import run_supervised, supervisor_process
 from trainer_child.protocol import RunStateFile, read_model
 
 #: Shared by every script: note what this attempt was given, one JSON line each.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.childkit import REPO_ROOT
+from tests.support.processes import REPO_ROOT
 from trainer_child.protocol import ENV_INJECT, ENV_OUTPUT_DIR, SITE_DIR
 
 #: Builds a Trainer on a two-layer GPT-2 made on the spot (no download) and

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.capabilities import require
 from tests.system.systemd_harness import (
     FAKE_NVIDIA_NODES,
     FORBIDDEN_NODE,
     SERVICE_USER,
     NamespacedSystemd,
-    unavailable_reason,
 )
 
 pytestmark = pytest.mark.system
@@ -42,9 +42,7 @@ PYTHON = sys.executable
 @pytest.fixture(scope="module")
 def systemd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NamespacedSystemd]:
     """Boot one namespaced systemd for the module; SIGKILL its PID 1 at the end."""
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require("systemd")
     manager = NamespacedSystemd(
         tmp_path_factory.mktemp("systemd-ns"), shared=tmp_path_factory.getbasetemp()
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import PreemptionConfig
+from tests.support.capabilities import require
 from trainer_child.protocol import EXIT_CONFIG, EXIT_GAVE_UP
 
 pytestmark = pytest.mark.system
@@ -21,8 +22,10 @@ INSTANCE = "trainwarden@job.service"
 SHIPPED_EXEC = "/usr/local/bin/trainwarden"
 MAX_EXPOSURE = 3.0
 
-if shutil.which("systemd-analyze") is None:
-    pytest.skip("systemd-analyze is not installed", allow_module_level=True)
+
+@pytest.fixture(autouse=True)
+def _systemd_analyze() -> None:
+    require("systemd-analyze")
 
 
 def _analyze(unit_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -126,7 +129,7 @@ def test_device_access_is_the_nvidia_nodes_only() -> None:
 
 
 def test_service_semantics_match_the_supervisor_contract() -> None:
-    """Exit codes, stop handling and notify settings agree with DESIGN.md and protocol.py."""
+    """Exit codes, stop handling and notify agree with the contract (docs/architecture.md)."""
     assert _settings("Type") == ["notify"]
     assert _settings("NotifyAccess") == ["main"]
     assert _settings("Restart") == ["on-failure"]

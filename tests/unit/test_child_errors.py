@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,7 @@ from trainer_child.errors import (
     exit_code_for,
     find_errno,
 )
-from trainer_child.failpoints import Failpoint, FailpointError, Failpoints, Kind, parse
+from trainer_child.failpoints import Failpoint, FailpointError, Kind, parse
 from trainer_child.protocol import EXIT_CONFIG, ErrorKind
 
 
@@ -99,16 +98,3 @@ def test_malformed_failpoints_are_config_errors(text: str) -> None:
     with pytest.raises(FailpointError) as info:
         parse(text)
     assert classify(info.value) is ErrorKind.CONFIG
-
-
-def test_failpoint_times_is_counted_across_restarts(tmp_path: Path) -> None:
-    """times=1 fires once, then never again in a later process reading the same counter file."""
-    for expect_fire in (True, False):
-        points = Failpoints(parse("crash@step=2,times=1"))
-        points.bind(tmp_path)
-        points.at_step_begin(1)  # not due yet
-        if expect_fire:
-            with pytest.raises(RuntimeError, match="failpoint crash at step 2"):
-                points.at_step_begin(2)
-        else:
-            points.at_step_begin(2)

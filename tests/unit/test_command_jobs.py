@@ -17,7 +17,8 @@ from supervisor.core.model import (
     PreviousRun,
     Record,
 )
-from supervisor.loop import injection_env, last_error_line
+from supervisor.loop import injection_env
+from supervisor.shell.evidence import last_error_line
 from tests.unit.test_policy import CONFIG, Run, ckpt, inv, launches, of, records
 from trainer_child.protocol import ENV_INJECT, SITE_DIR, Overrides, Phase
 
@@ -100,7 +101,7 @@ def test_injection_puts_only_the_hook_folder_first_on_pythonpath() -> None:
 
 # --- the error's last line ------------------------------------------------------------------
 
-TRACEBACK = b"""step 3 loss 2.1
+TRACEBACK = """step 3 loss 2.1
 Traceback (most recent call last):
   File "train.py", line 3, in <module>
     main()
@@ -125,9 +126,9 @@ def test_last_error_line_is_the_final_exception_line() -> None:
 
 def test_last_error_line_reads_argparse_and_ignores_plain_output() -> None:
     """argparse's 'prog: error:' line counts; a log with no error has no error line."""
-    usage = b"usage: sft.py [-h]\nsft.py: error: argument --max_steps: invalid int value: 'x'\n"
+    usage = "usage: sft.py [-h]\nsft.py: error: argument --max_steps: invalid int value: 'x'\n"
     assert last_error_line(usage) == "sft.py: error: argument --max_steps: invalid int value: 'x'"
-    assert last_error_line(b"step 1\nstep 2\n 50%|#####     | 5/10\n") is None
+    assert last_error_line("step 1\nstep 2\n 50%|#####     | 5/10\n") is None
 
 
 # --- completion -----------------------------------------------------------------------------

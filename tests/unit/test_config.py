@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import json_schema, load_config, parse_config
+from supervisor.config import config_from_yaml, json_schema, load_config, parse_config
 from supervisor.errors import ConfigError
 
 MINIMAL = {"output_dir": "runs/x", "train": {}}
@@ -105,19 +105,18 @@ def test_micro_batch_comes_from_sft_or_batch_section() -> None:
     assert command.policy().require_record is False
 
 
-def test_bad_yaml_names_the_line(tmp_path: Path) -> None:
+def test_bad_yaml_names_the_line() -> None:
     """Broken YAML is reported with its line and column."""
-    path = tmp_path / "job.yaml"
-    path.write_text("output_dir: x\ntrain: {model: [\n")
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        config_from_yaml("output_dir: x\ntrain: {model: [\n", source="job.yaml")
     assert "line" in info.value.problems[0]
+    assert info.value.source == "job.yaml"
 
 
-def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+def test_missing_file_is_a_config_error() -> None:
     """A missing file is a ConfigError, not a traceback."""
-    with pytest.raises(ConfigError):
-        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_config(Path("/nonexistent/trainwarden-unit/nope.yaml"))
 
 
 def test_schema_lists_the_sections() -> None:
@@ -125,3 +124,71 @@ def test_schema_lists_the_sections() -> None:
     props = json_schema()["properties"]
     for key in ("output_dir", "train", "command", "restart", "retention", "disk", "hang"):
         assert key in props
+
+
+def test_sizes_are_pydantic_byte_sizes() -> None:
+    """disk.reserve takes bytes, decimal and binary units; nonsense names the field."""
+    for text, expected in (("500MB", 500_000_000), ("1.5 KiB", 1536), (4096, 4096)):
+        config = parse_config({**MINIMAL, "disk": {"reserve": text}})
+        assert config.disk.reserve == expected
+        assert config.policy().disk_reserve == expected
+    assert any(
+        p.startswith("disk.reserve:") for p in problems({**MINIMAL, "disk": {"reserve": "lots"}})
+    )
+
+
+def _readme_defaults() -> dict[str, str]:
+    """``key -> default`` from the README's configuration table, ``a / b`` rows split."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    found: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        keys = [k.strip().strip("`") for k in cells[0].split(" / ")]
+        defaults = [d.strip().strip("`") for d in cells[1].split(" / ")]
+        parent = keys[0].rpartition(".")[0]
+        for index, key in enumerate(keys):
+            full = key if "." in key or not parent else f"{parent}.{key}"
+            found[full] = defaults[index] if len(defaults) == len(keys) else cells[1]
+    return found
+
+
+def _documented(text: str) -> object:
+    """Turn a README default into the value the config would hold."""
+    from supervisor.config import parse_duration
+
+    if text in ("true", "false"):
+        return text == "true"
+    if text == "null":
+        return None
+    if text == "{}":
+        return {}
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    if text != "auto" and text[:1].isdigit():
+        return parse_duration(text)
+    return text
+
+
+def test_readme_configuration_table_states_the_real_defaults() -> None:
+    """Every default in the README's table is the one config.py (their one home) applies."""
+    from trainer_child.protocol import TrainSpec
+
+    config = parse_config({"output_dir": "x", "train": {}})
+    sections: dict[str, object] = {"train": TrainSpec(), "batch": config.batch}
+    checked = 0
+    for key, text in _readme_defaults().items():
+        if text in ("required", "\u2013", "-"):  # an en dash: no default
+            continue
+        head, *rest = key.split(".")
+        value: object = sections.get(head, config)
+        for part in ([] if head in sections else [head]) + rest:
+            value = getattr(value, part)
+        assert value == _documented(text), f"README says {key} defaults to {text!r}"
+        checked += 1
+    assert checked >= 20

@@ -1,8 +1,9 @@
-"""The main loop with every side effect faked: what it spawns, records, persists and says.
+"""The main loop with every seam faked: what it spawns, records, persists and says.
 
-``Supervisor.run()`` runs for real in the test's (main) thread. The scripted
-launcher decides each child's fate inside ``spawn`` and reports the exit
-through the loop's own ``on_exit`` callback, exactly as the waiter thread
+``Supervisor.run()`` runs for real in the test's (main) thread, over the fakes
+of ``supervisor/shell/testing.py``: no process, no file, no ``/proc``. The
+scripted launcher decides each child's fate inside ``spawn`` and reports the
+exit through the loop's own ``on_exit`` callback, exactly as the waiter thread
 would, so the loop meets every event in the order the real shell delivers it
 and no thread is started. The monotonic clock is fake and jumps on every
 reading, so a backoff of seconds passes in a few loop turns.
@@ -11,7 +12,8 @@ reading, so a backoff of seconds passes in a few loop turns.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import signal
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from supervisor.config import parse_config
 from supervisor.core.model import (
     CheckpointEntry,
     Disk,
+    Evidence,
     Integrity,
     Inventory,
     InventoryChanged,
@@ -29,28 +32,39 @@ from supervisor.core.model import (
     Tick,
 )
 from supervisor.loop import Shell, Supervisor
-from supervisor.shell.disk import FakeDisk
-from supervisor.shell.journal import FakeJournal
-from supervisor.shell.launcher import ChildHandle, ExitCallback, FakeLauncher, FakeSpawn
-from supervisor.shell.store import FakeCheckpointStore
-from supervisor.shell.systemd import FakeNotifier
+from supervisor.shell.launcher import ChildHandle, ExitCallback
+from supervisor.shell.testing import (
+    FakeCheckpointStore,
+    FakeDisk,
+    FakeEvidence,
+    FakeHeartbeat,
+    FakeJournal,
+    FakeLauncher,
+    FakeLock,
+    FakeNotifier,
+    FakePeers,
+    FakeRunDir,
+    FakeSignals,
+    FakeSpawn,
+    FakeWatchers,
+)
 from trainer_child.protocol import (
     ENV_ATTEMPT,
     ENV_GRAD_ACCUM,
     ENV_MICRO_BATCH,
     ENV_OUTPUT_DIR,
     ENV_RESUME_FROM,
-    ErrorKind,
-    ErrorReport,
-    JobFile,
+    EXIT_PREEMPTED,
     Layout,
-    atomic_write_model,
-    read_model,
 )
 
 #: Seconds the fake monotonic clock advances per reading: fast, but ordered.
 CLOCK_STEP = 0.5
 MICRO_BATCH = 2
+#: The fake run lock's descriptor, which every child must inherit.
+LOCK_FD = 99
+#: Never created: every seam is faked, so nothing may touch it.
+OUTPUT_DIR = Path("/nonexistent/trainwarden-unit/out")
 
 
 class FakeClock:
@@ -76,7 +90,6 @@ class SpawnSeen:
     spawn: FakeSpawn
     clock: float
     notifier_messages: list[str]
-    fd_targets: list[str]
 
 
 class ScriptedLauncher(FakeLauncher):
@@ -103,14 +116,8 @@ class ScriptedLauncher(FakeLauncher):
             argv, env=env, cwd=cwd, log_path=log_path, pass_fds=pass_fds, on_exit=on_exit
         )
         spawn = self.spawns[-1]
-        self.seen.append(
-            SpawnSeen(
-                spawn=spawn,
-                clock=self.clock.now,
-                notifier_messages=list(self.notifier.messages) if self.notifier else [],
-                fd_targets=[os.readlink(f"/proc/self/fd/{fd}") for fd in pass_fds],
-            )
-        )
+        messages = list(self.notifier.messages) if self.notifier else []
+        self.seen.append(SpawnSeen(spawn=spawn, clock=self.clock.now, notifier_messages=messages))
         fate = self.fates.pop(0)
         # The waiter thread would call on_exit once the child is reaped: it only
         # enqueues, so the loop handles ChildSpawned first, then this exit.
@@ -120,13 +127,18 @@ class ScriptedLauncher(FakeLauncher):
 
 @dataclass
 class Rig:
-    """A supervisor over a real tmp output_dir with every interface faked."""
+    """A supervisor whose every seam is a fake."""
 
     supervisor: Supervisor
     launcher: ScriptedLauncher
     store: FakeCheckpointStore
     journal: FakeJournal
     notifier: FakeNotifier
+    run_dir: FakeRunDir
+    lock: FakeLock
+    evidence: FakeEvidence
+    watchers: FakeWatchers
+    signals: FakeSignals
     clock: FakeClock
     layout: Layout
 
@@ -134,11 +146,10 @@ class Rig:
         return [e for e in self.journal.entries if e["event"] == name]
 
 
-def make_rig(tmp_path: Path, fates: list[Callable[[FakeSpawn], int]]) -> Rig:
-    output_dir = tmp_path / "out"
+def make_rig(fates: list[Callable[[FakeSpawn], int]]) -> Rig:
     config = parse_config(
         {
-            "output_dir": str(output_dir),
+            "output_dir": str(OUTPUT_DIR),
             "train": {
                 "sft": {
                     "max_steps": 8,
@@ -150,23 +161,46 @@ def make_rig(tmp_path: Path, fates: list[Callable[[FakeSpawn], int]]) -> Rig:
     )
     clock = FakeClock()
     launcher = ScriptedLauncher(clock, fates)
-    store = FakeCheckpointStore()
-    journal = FakeJournal(wall_clock=lambda: clock.now)
     notifier = FakeNotifier()
     launcher.notifier = notifier
     shell = Shell(
         launcher=launcher,
-        store=store,
-        journal=journal,
+        store=FakeCheckpointStore(),
+        journal=FakeJournal(wall_clock=lambda: clock.now),
         disk=FakeDisk(),
         notifier=notifier,
+        run_dir=FakeRunDir(OUTPUT_DIR),
+        lock=FakeLock(fd=LOCK_FD),
+        peers=FakePeers(),
+        heartbeat=FakeHeartbeat(clock=clock),
+        evidence=FakeEvidence(),
+        watcher=FakeWatchers(),
+        signals=FakeSignals(),
         clock=clock,
         wall=lambda: 1_700_000_000.0 + clock.now,
         rand=lambda: 0.5,
-        watch_fs=False,
     )
-    supervisor = Supervisor(config, shell)
-    return Rig(supervisor, launcher, store, journal, notifier, clock, Layout(output_dir))
+    assert isinstance(shell.store, FakeCheckpointStore)
+    assert isinstance(shell.journal, FakeJournal)
+    assert isinstance(shell.run_dir, FakeRunDir)
+    assert isinstance(shell.lock, FakeLock)
+    assert isinstance(shell.evidence, FakeEvidence)
+    assert isinstance(shell.watcher, FakeWatchers)
+    assert isinstance(shell.signals, FakeSignals)
+    return Rig(
+        Supervisor(config, shell),
+        launcher,
+        shell.store,
+        shell.journal,
+        notifier,
+        shell.run_dir,
+        shell.lock,
+        shell.evidence,
+        shell.watcher,
+        shell.signals,
+        clock,
+        Layout(OUTPUT_DIR),
+    )
 
 
 @pytest.fixture
@@ -177,7 +211,7 @@ def systemd_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
 
 
-def test_crash_then_success_runs_two_attempts(tmp_path: Path, systemd_env: None) -> None:
+def test_crash_then_success_runs_two_attempts(systemd_env: None) -> None:
     """exit(1) after a commit -> backoff -> respawn from that checkpoint -> exit(0) completes."""
     rig: Rig
 
@@ -190,7 +224,7 @@ def test_crash_then_success_runs_two_attempts(tmp_path: Path, systemd_env: None)
         rig.store.final_complete = True
         return 0
 
-    rig = make_rig(tmp_path, [crash_after_commit, finish])
+    rig = make_rig([crash_after_commit, finish])
     assert rig.supervisor.run() == 0
 
     first, second = rig.launcher.seen
@@ -203,7 +237,7 @@ def test_crash_then_success_runs_two_attempts(tmp_path: Path, systemd_env: None)
     assert second.spawn.argv[-2:] == ["--resume-from", resume]
     for seen in (first, second):
         assert seen.spawn.env[ENV_OUTPUT_DIR] == str(rig.layout.output_dir)
-        assert seen.fd_targets == [str(rig.layout.lock)], "the run lock must be inherited"
+        assert seen.spawn.pass_fds == (LOCK_FD,), "the run lock must be inherited"
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             assert name not in seen.spawn.env
 
@@ -224,7 +258,33 @@ def test_crash_then_success_runs_two_attempts(tmp_path: Path, systemd_env: None)
     assert rig.launcher.closed
 
 
-def test_notifier_ready_before_first_spawn_then_status(tmp_path: Path) -> None:
+def test_every_seam_is_used_for_its_part() -> None:
+    """The watcher runs for the loop's life; each child is watched for evidence and noted."""
+    rig: Rig
+
+    def finish(spawn: FakeSpawn) -> int:
+        rig.store.final_complete = True
+        return 0
+
+    rig = make_rig([finish])
+    assert rig.supervisor.run() == 0
+    ((watched_dir, watcher),) = rig.watchers.made
+    assert watched_dir == OUTPUT_DIR
+    assert watcher.starts == 1
+    assert not watcher.running
+    (spawn,) = rig.launcher.spawns
+    assert rig.evidence.forgotten == 1, "an earlier attempt's error.json must not survive"
+    assert rig.evidence.watched == [spawn.pid]
+    assert rig.evidence.gathered == [(spawn.pid, 1, None)]
+    assert rig.run_dir.prepared == 1
+    ((attempt, note),) = rig.run_dir.notes
+    assert attempt == 1
+    assert note.startswith("attempt 1: resume_from=- argv=")
+    assert rig.signals.installed == rig.signals.restored == 1
+    assert rig.lock.releases == 1
+
+
+def test_notifier_ready_before_first_spawn_then_status() -> None:
     """READY=1 precedes the first spawn; STATUS= follows the run; STOPPING=1 ends it."""
     rig: Rig
 
@@ -235,7 +295,7 @@ def test_notifier_ready_before_first_spawn_then_status(tmp_path: Path) -> None:
         rig.store.final_complete = True
         return 0
 
-    rig = make_rig(tmp_path, [crash, finish])
+    rig = make_rig([crash, finish])
     assert rig.supervisor.run() == 0
 
     at_first_spawn = rig.launcher.seen[0].notifier_messages
@@ -249,27 +309,24 @@ def test_notifier_ready_before_first_spawn_then_status(tmp_path: Path) -> None:
     assert sum(m.startswith("READY=1") for m in rig.notifier.messages) == 1
 
 
-def test_cuda_oom_persists_halved_micro_batch(tmp_path: Path) -> None:
+def test_cuda_oom_persists_halved_micro_batch() -> None:
     """After a cuda_oom, state.json and the next child carry micro-batch/2 and accumulation*2."""
     rig: Rig
 
     def oom(spawn: FakeSpawn) -> int:
-        report = ErrorReport(
-            type="torch.OutOfMemoryError",
-            message="CUDA out of memory. Tried to allocate 2.00 GiB",
-            kind=ErrorKind.CUDA_OOM,
-            step=3,
-            pid=spawn.pid,
-            attempt=1,
+        rig.evidence.by_attempt[1] = Evidence(
+            error_kind="cuda_oom",
+            error_type="torch.OutOfMemoryError",
+            error_message="CUDA out of memory. Tried to allocate 2.00 GiB",
+            error_step=3,
         )
-        atomic_write_model(rig.layout.error, report)
         return 1
 
     def finish(spawn: FakeSpawn) -> int:
         rig.store.final_complete = True
         return 0
 
-    rig = make_rig(tmp_path, [oom, finish])
+    rig = make_rig([oom, finish])
     assert rig.supervisor.run() == 0
 
     (failure,) = rig.events("failure")
@@ -284,16 +341,48 @@ def test_cuda_oom_persists_halved_micro_batch(tmp_path: Path) -> None:
     second = rig.launcher.seen[1].spawn
     assert second.env[ENV_MICRO_BATCH] == str(MICRO_BATCH // 2)
     assert second.env[ENV_GRAD_ACCUM] == "2"
-    job = read_model(rig.layout.job, JobFile)
-    assert job is not None
+    job = rig.run_dir.jobs[-1]
     assert job.overrides.per_device_train_batch_size == MICRO_BATCH // 2
     launch = rig.events("launch")[1]
     assert launch["gradient_accumulation_steps"] == 2
 
 
-def test_orphan_save_in_progress_is_not_quarantined(tmp_path: Path) -> None:
+def test_ctrl_c_forwards_sigterm_and_exits_zero_once_the_child_saved() -> None:
+    """SIGINT reaches the child as SIGTERM; its exit 75 ends the run with 0, no failure."""
+    rig: Rig
+
+    def interrupted(spawn: FakeSpawn) -> int:
+        rig.signals.deliver("SIGINT")  # queued before the child's exit, as in real life
+        rig.store.put(complete(3))
+        return EXIT_PREEMPTED
+
+    rig = make_rig([interrupted])
+    assert rig.supervisor.run() == 0
+    (spawn,) = rig.launcher.spawns
+    assert (spawn.pid, signal.SIGTERM) in rig.launcher.signals
+    assert rig.events("preempt_requested")[0]["signal"] == "SIGINT"
+    assert rig.events("failure") == []
+    (preempted,) = rig.events("preempted")
+    assert preempted["checkpoint"] == 3
+    assert rig.journal.states[-1].mode == "preempted"
+
+
+def test_another_supervisor_on_the_output_dir_is_refused() -> None:
+    """A lock held by a live supervisor is a LockedError; nothing is spawned."""
+    from supervisor.errors import LockedError
+
+    rig = make_rig([])
+    rig.lock.holder = 777
+    assert isinstance(rig.supervisor.shell.peers, FakePeers)
+    rig.supervisor.shell.peers.supervisor = True
+    with pytest.raises(LockedError, match="another trainwarden supervisor"):
+        rig.supervisor.run()
+    assert rig.launcher.spawns == []
+
+
+def test_orphan_save_in_progress_is_not_quarantined() -> None:
     """While waiting for an orphan, its half-written emergency checkpoint is left alone."""
-    rig = make_rig(tmp_path, [])
+    rig = make_rig([])
     supervisor = rig.supervisor
     disk = Disk(free=100 << 30, total=200 << 30)
     supervisor._process(Started(Inventory((complete(4),)), disk, orphan_pid=4321))
@@ -309,22 +398,18 @@ OrphanRigFactory = Callable[[list[Callable[[FakeSpawn], int]]], Rig]
 
 
 @pytest.fixture
-def orphan_rig(tmp_path: Path) -> Iterator[OrphanRigFactory]:
-    """Make rigs whose supervisor found an orphan holding the lock; release the lock after."""
-    made: list[Rig] = []
+def orphan_rig() -> OrphanRigFactory:
+    """Make rigs whose supervisor found an orphan holding the lock, which it then released."""
 
     def make(fates: list[Callable[[FakeSpawn], int]]) -> Rig:
-        rig = make_rig(tmp_path, fates)
-        made.append(rig)
+        rig = make_rig(fates)
         rig.store.put(complete(4))
         disk = Disk(free=100 << 30, total=200 << 30)
         rig.supervisor._process(Started(rig.store.inventory(), disk, orphan_pid=4321))
         assert rig.supervisor.state.mode is Mode.WAITING_ORPHAN
         return rig
 
-    yield make
-    for rig in made:
-        rig.supervisor.lock.release()
+    return make
 
 
 def tick(rig: Rig) -> None:

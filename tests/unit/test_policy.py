@@ -1,4 +1,4 @@
-"""The pure policy, driven by scripted events: every path of DESIGN.md's failure table."""
+"""The pure policy, driven by scripted events: every row of its tables (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import signal
 
 import pytest
 
+from supervisor.core.classify import Outcome
 from supervisor.core.model import (
     Action,
     CheckpointEntry,
@@ -41,7 +42,15 @@ from supervisor.core.model import (
     State,
     Tick,
 )
-from supervisor.core.policy import IllegalTransition, decide, hang_limit, status_line
+from supervisor.core.policy import (
+    OUTCOMES,
+    REMEDIES,
+    TRANSITIONS,
+    IllegalTransition,
+    decide,
+    hang_limit,
+    status_line,
+)
 from trainer_child.protocol import Overrides, Phase
 
 GB = 1 << 30
@@ -60,6 +69,12 @@ CONFIG = PolicyConfig(
     preemption_grace=30,
     micro_batch=8,
     grad_accum=1,
+    keep_every=None,
+    disk_reserve=None,
+    save_timeout=None,
+    require_record=True,
+    success_needs_final=True,
+    step_guard=True,
 )
 
 
@@ -156,8 +171,8 @@ class Run:
 
     def after_backoff(self, **kw: object) -> list[Action]:
         assert self.state.mode is Mode.BACKOFF
-        assert self.state.backoff_until is not None
-        return self.tick(self.state.backoff_until - self.now + 0.01, **kw)
+        assert self.state.backoff is not None
+        return self.tick(self.state.backoff.until - self.now + 0.01, **kw)
 
 
 def launches(actions: list[Action]) -> list[Launch]:
@@ -219,6 +234,83 @@ def test_started_twice_is_illegal() -> None:
         run.start()
 
 
+def _in_mode(mode: Mode) -> Run:
+    """A Run driven by real events into ``mode``."""
+    run = Run()
+    if mode is Mode.STARTING:
+        return run
+    if mode is Mode.WAITING_ORPHAN:
+        run.start(inv(ckpt(4)), orphan_pid=4321)
+    elif mode is Mode.WAITING_DISK:
+        run.start(inv(ckpt(6, size=1000)), disk=Disk(free=10, total=2000))
+    elif mode is Mode.COMPLETED:
+        run.start(inv(final=True))
+    else:
+        run.start()
+        if mode is Mode.STOPPING:
+            run.feed(SignalReceived("SIGTERM"))
+        elif mode is Mode.BACKOFF:
+            run.exit(1)
+        elif mode is Mode.GAVE_UP:
+            run.exit(78)
+        elif mode is Mode.PREEMPTED:
+            run.exit(1)
+            run.feed(SignalReceived("SIGTERM"))
+    assert run.state.mode is mode
+    return run
+
+
+SAMPLE_EVENTS: dict[type, Event] = {
+    Started: Started(inventory=inv(), disk=BIG_DISK),
+    ChildSpawned: ChildSpawned(attempt=99, pid=999),
+    SpawnFailed: SpawnFailed(attempt=99, message="no such file"),
+    ChildExited: ChildExited(99, 999, 1, None, Evidence(), inv(), BIG_DISK),
+    InventoryChanged: InventoryChanged(inv()),
+    Tick: Tick(disk=BIG_DISK),
+    ResumeRejected: ResumeRejected(attempt=99, step=4, problems=("bad",)),
+    SignalReceived: SignalReceived("SIGTERM"),
+}
+ILLEGAL = [
+    (mode, kind) for mode in Mode for kind in SAMPLE_EVENTS if (mode, kind) not in TRANSITIONS
+]
+
+
+def test_the_transition_table_names_a_handler_for_every_event_a_live_mode_can_meet() -> None:
+    """Ticks, inventory notices and stop signals are legal in every mode after start-up."""
+    for mode in Mode:
+        if mode is Mode.STARTING:
+            continue
+        for kind in (Tick, InventoryChanged, SignalReceived):
+            assert (mode, kind) in TRANSITIONS, (mode, kind)
+    assert set(SAMPLE_EVENTS) == set(Event.__args__)
+    assert len(ILLEGAL) > 30
+
+
+@pytest.mark.parametrize(("mode", "kind"), ILLEGAL, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_an_event_not_allowed_in_a_mode_raises_illegal_transition(mode: Mode, kind: type) -> None:
+    """Every (mode, event) pair missing from TRANSITIONS raises, and the state is untouched."""
+    run = _in_mode(mode)
+    before = run.state
+    with pytest.raises(IllegalTransition, match=f"{kind.__name__} while {mode.value}"):
+        decide(run.state, SAMPLE_EVENTS[kind], run.now)
+    assert run.state is before
+
+
+def test_an_exit_of_a_process_that_is_not_our_child_raises() -> None:
+    """A ChildExited for another pid is a shell bug, not a stale event to drop."""
+    run = Run()
+    run.start()
+    stranger = ChildExited(1, run.pid + 1, 1, None, Evidence(), inv(), BIG_DISK)
+    with pytest.raises(IllegalTransition, match="not our child"):
+        run.feed(stranger)
+
+
+def test_every_failure_kind_has_one_remedy_and_every_outcome_a_handler() -> None:
+    """REMEDIES covers each failure kind (a preemption is not a failure); OUTCOMES each outcome."""
+    assert set(REMEDIES) == set(FailureKind) - {FailureKind.PREEMPTED}
+    assert set(OUTCOMES) == set(Outcome)
+
+
 # --- crash, backoff, budget --------------------------------------------------------------
 
 
@@ -243,8 +335,8 @@ def test_backoff_grows_exponentially_and_is_capped() -> None:
     delays = []
     for _ in range(6):
         run.exit(1, jitter=0.5)
-        assert run.state.backoff_until is not None
-        delays.append(round(run.state.backoff_until - run.now, 6))
+        assert run.state.backoff is not None
+        delays.append(round(run.state.backoff.until - run.now, 6))
         run.after_backoff()
     assert delays == [1, 2, 4, 8, 8, 8]
 
@@ -257,8 +349,8 @@ def test_jitter_spreads_delay_within_bounds() -> None:
         run.exit(1)
         run.after_backoff()
         run.exit(1, jitter=jitter)
-        assert run.state.backoff_until is not None
-        assert run.state.backoff_until - run.now == pytest.approx(2 * (0.75 + 0.5 * jitter))
+        assert run.state.backoff is not None
+        assert run.state.backoff.until - run.now == pytest.approx(2 * (0.75 + 0.5 * jitter))
 
 
 def test_restart_budget_exhaustion_gives_up_76() -> None:
@@ -295,13 +387,14 @@ def test_progress_resets_the_failure_streak() -> None:
     run.exit(1)
     run.after_backoff()
     run.exit(1)
-    assert run.state.consecutive_failures == 2
+    assert run.state.streak.failures == 2
     run.after_backoff()
     actions = run.feed(InventoryChanged(inv(ckpt(2))))
     assert "checkpoint_committed" in records(actions)
-    assert run.state.consecutive_failures == 0
+    assert run.state.streak.failures == 0
     run.exit(1)
-    assert run.state.backoff_until == pytest.approx(run.now + 1)
+    assert run.state.backoff is not None
+    assert run.state.backoff.until == pytest.approx(run.now + 1)
 
 
 # --- no progress and poisoned checkpoints ---------------------------------------------------
@@ -712,7 +805,7 @@ def test_previous_give_up_resets_budget_when_started_again() -> None:
     actions = run.start(inv(ckpt(4)), previous=previous)
     assert "resumed_after_give_up" in records(actions)
     assert run.state.restart_times == ()
-    assert run.state.consecutive_failures == 0
+    assert run.state.streak.failures == 0
 
 
 def test_status_line_reads_like_a_human_wrote_it() -> None:
