@@ -373,6 +373,10 @@ class TrackingFile(_Model):
 
     mlflow_run_id: str | None = None
     mlflow_experiment_id: str | None = None
+    #: The MLFLOW_* variables the run was created under (tracking URI, experiment):
+    #: under other ones the id would name a run MLflow cannot find, and the child
+    #: would crash at start, so the supervisor then lets MLflow make a new run.
+    mlflow_env: dict[str, str] = Field(default_factory=dict)
     attempt: int | None = None
     wall_time: float = 0.0
 
