@@ -4,6 +4,7 @@ TrainwardenError
  +-- ConfigError        the job file is invalid (exit 78); lists every bad field
  +-- LockedError        another supervisor owns this output_dir (exit 78)
  +-- GaveUp             the run cannot continue without a human (exit 76)
+ +-- MissingExtra       a command needs an optional extra that is not installed (exit 1)
 """
 
 from __future__ import annotations
@@ -38,3 +39,7 @@ class GaveUp(TrainwardenError):
     """The run stopped for a reason a restart cannot fix."""
 
     exit_code = EXIT_GAVE_UP
+
+
+class MissingExtra(TrainwardenError):
+    """A command needs an optional dependency; the message names the pip extra."""
