@@ -41,7 +41,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trainer_child.protocol import JournalEntry
 
@@ -217,25 +217,28 @@ def _float(value: object) -> float | None:
     return float(value)
 
 
-@dataclass
 class Ledger:
     """Fold journal entries and progress samples, fed in time order, into ``Accounting``."""
 
-    _spans: list[Span] = field(default_factory=list)
-    _open: _Open | None = None
-    _failures: list[_Failure] = field(default_factory=list)
-    _commits: list[Commit] = field(default_factory=list)
-    _hang_began: dict[int, float] = field(default_factory=dict)
-    _last_seen: dict[int, float] = field(default_factory=dict)
-    _last_progress: dict[int, tuple[float, int]] = field(default_factory=dict)
-    _attempts: set[int] = field(default_factory=set)
-    _first_ts: float | None = None
-    _last_ts: float | None = None
-    _ended: float | None = None
-    _result: RunResult = RunResult.NOT_STARTED
-    _reason: str | None = None
-    _preemptions: int = 0
-    _last_step: int | None = None
+    def __init__(self) -> None:
+        self._spans: list[Span] = []
+        self._open: _Open | None = None
+        self._failures: list[_Failure] = []
+        self._commits: list[Commit] = []
+        #: attempt -> wall time its hang began (last heartbeat), until its failure record.
+        self._hang_began: dict[int, float] = {}
+        #: attempt -> the last time anything was heard of it (entries, samples).
+        self._last_seen: dict[int, float] = {}
+        #: attempt -> its newest progress sample (time, step), for interpolation.
+        self._last_progress: dict[int, tuple[float, int]] = {}
+        self._attempts: set[int] = set()
+        self._first_ts: float | None = None
+        self._last_ts: float | None = None
+        self._ended: float | None = None
+        self._result = RunResult.NOT_STARTED
+        self._reason: str | None = None
+        self._preemptions = 0
+        self._last_step: int | None = None
 
     # --- feeding -------------------------------------------------------------------
 
