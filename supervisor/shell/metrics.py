@@ -14,9 +14,9 @@ How the loop uses it::
         ledger.summary(now=wall), mode=state.mode, attempt=state.attempt,
         step=beat.step, max_steps=beat.max_steps,
         steps_per_second=1 / beat.last_step_seconds,
-        newest_checkpoint_step=state.newest_valid,
-        newest_checkpoint_age_seconds=wall - commit_wall_time,
+        newest_checkpoint_step=state.newest_valid,   # age: from its commit record
         disk_free_bytes=state.disk.free,
+        now=wall,
     ))
     ...
     exporter.close()                       # on the way out: shutdown + join
@@ -101,8 +101,17 @@ class MetricsSnapshot:
         newest_checkpoint_age_seconds: float | None = None,
         disk_free_bytes: int | None = None,
         mirror_lag_checkpoints: int | None = None,
+        now: float | None = None,
     ) -> MetricsSnapshot:
-        """Combine the run's accounting with the loop's live values."""
+        """Combine the run's accounting with the loop's live values.
+
+        Without an explicit age, the newest checkpoint's age is taken from its
+        ``checkpoint_committed`` record, measured to ``now`` (wall time).
+        """
+        if newest_checkpoint_age_seconds is None and newest_checkpoint_step is not None and now:
+            committed = [c.ts for c in accounting.commits if c.step == newest_checkpoint_step]
+            if committed:
+                newest_checkpoint_age_seconds = max(0.0, now - committed[-1])
         return cls(
             mode=mode,
             attempt=attempt,

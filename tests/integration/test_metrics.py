@@ -142,3 +142,16 @@ def test_bound_port_is_an_error_at_start() -> None:
             second.start()
     finally:
         first.close()
+
+
+def test_checkpoint_age_comes_from_its_commit_record() -> None:
+    """Given `now`, the newest checkpoint's age is measured from its journal record."""
+    summary = account(journal(), now=T0 + 30)
+    snap = MetricsSnapshot.build(
+        summary, mode=Mode.RUNNING, attempt=2, newest_checkpoint_step=10, now=T0 + 25
+    )
+    assert snap.newest_checkpoint_age_seconds == 15
+    unknown = MetricsSnapshot.build(
+        summary, mode=Mode.RUNNING, attempt=2, newest_checkpoint_step=20, now=T0 + 25
+    )
+    assert unknown.newest_checkpoint_age_seconds is None
