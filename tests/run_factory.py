@@ -119,7 +119,7 @@ def write_night(output_dir: Path, *, gave_up: bool = False) -> Layout:
     t += 90
     if gave_up:
         reason = (
-            "restart budget spent: 4 restarts within 3600s (restart.max_restarts); "
+            "restart budget spent: 3 restarts within 3600s (restart.max_restarts); "
             "last failure disk_full: OSError: [Errno 28] No space left on device"
         )
         event(t, "gave_up", 4, kind="disk_full", reason=reason, exit_code=76)

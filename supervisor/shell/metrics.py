@@ -142,6 +142,8 @@ class _SnapshotCollector(Collector):
         #: High-water marks: a counter must never go down between two scrapes,
         #: though an interpolated regain time can trim a loss after the fact.
         self._counters: dict[tuple[str, str], float] = {}
+        # Scrapes (HTTP threads) and textfile writes (the loop) collect concurrently.
+        self._lock = threading.Lock()
 
     def _gauge(self, name: str, doc: str, value: float | None) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, doc, labels=self._names)
@@ -163,6 +165,10 @@ class _SnapshotCollector(Collector):
         return family
 
     def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            return iter(list(self._families()))
+
+    def _families(self) -> Iterator[Metric]:
         snap = self.snapshot  # one read: a concurrent update swaps the whole object
         state = GaugeMetricFamily(
             "trainwarden_state",
