@@ -15,11 +15,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from supervisor import logging as tw_logging
 from supervisor.config import Config, json_schema, load_config
 from supervisor.demo import run_demo
-from supervisor.errors import ConfigError, TrainwardenError
+from supervisor.errors import ConfigError, MissingExtra, TrainwardenError
 from supervisor.loop import Supervisor
 from supervisor.report import gather_status, render_checkpoints, render_status, run_prune
 from supervisor.shell.journal import read_state
@@ -93,6 +94,27 @@ def status(
         sys.stdout.write(json.dumps(report, indent=1, default=str) + "\n")
     else:
         render_status(report, out)
+
+
+@app.command()
+def report(
+    target: Annotated[Path, typer.Argument(help="An output_dir or a job file.")],
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="PNG to write (default: OUTPUT_DIR/report.png)."),
+    ] = None,
+) -> None:
+    """Draw the night: loss by step across attempts with failures, and a wall-clock timeline."""
+    # Deferred: matplotlib is an optional extra and slow to import.
+    from supervisor.plot import load_run, render_report  # noqa: PLC0415
+
+    output_dir = _output_dir(target)
+    try:
+        path = render_report(load_run(output_dir), output or output_dir / "report.png")
+    except MissingExtra as exc:
+        err.print(f"[bold red]trainwarden:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    out.print(str(path), highlight=False)
 
 
 @app.command()

@@ -108,6 +108,42 @@ class BatchConfig(_Section):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics: served on ``address:port`` at /metrics, and/or a textfile.
+
+    ``textfile`` is for node_exporter's textfile collector (its name must end in
+    ``.prom`` there); it is replaced atomically at every update.
+    """
+
+    port: int | None = Field(default=None, ge=0, le=65535)
+    address: str = "127.0.0.1"
+    textfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _some_sink(self) -> MetricsConfig:
+        if self.port is None and self.textfile is None:
+            raise ValueError("give `port` (HTTP /metrics), `textfile` (node_exporter), or both")
+        return self
+
+
+#: Journal events a ``notify:`` section may ask to be told about.
+NotifyOn = Literal["gave_up", "completed", "failure"]
+
+
+def _every_notifiable_event() -> list[NotifyOn]:
+    return ["gave_up", "completed", "failure"]
+
+
+class NotifyConfig(_Section):
+    """Notifications through apprise URLs (chat, mail, webhooks) on chosen events.
+
+    URLs carry tokens: they are never logged in full.
+    """
+
+    urls: list[str] = Field(min_length=1)
+    on: list[NotifyOn] = Field(default_factory=_every_notifiable_event)
+
+
 class Config(_Section):
     """A whole job file."""
 
@@ -124,6 +160,8 @@ class Config(_Section):
     disk: DiskConfig = DiskConfig()
     hang: HangConfig = HangConfig()
     preemption: PreemptionConfig = PreemptionConfig()
+    metrics: MetricsConfig | None = None
+    notify: NotifyConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 TrainwardenError
  +-- ConfigError        the job file is invalid (exit 78); lists every bad field
  +-- LockedError        another supervisor owns this output_dir (exit 78)
+ +-- MissingExtra       a command needs an optional extra that is not installed (exit 1)
 
 Giving up (exit 76) is not an exception: it is the policy's decision, and
 ``Supervisor.run`` returns its code like any other end of a run.
@@ -34,3 +35,7 @@ class LockedError(TrainwardenError):
     """Another live supervisor holds this output_dir; two must never share one."""
 
     exit_code = EXIT_CONFIG
+
+
+class MissingExtra(TrainwardenError):
+    """A command needs an optional dependency; the message names the pip extra."""

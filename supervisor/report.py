@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from supervisor.core.accounting import ProgressSample, account
 from supervisor.core.advice import advised_save_steps
 from supervisor.core.policy import human_size
-from supervisor.shell.journal import read_events, read_state
+from supervisor.shell.journal import read_events, read_loss_log, read_state
 from supervisor.shell.launcher import process_alive
 from supervisor.shell.store import FileCheckpointStore, describe_checkpoints, plan_prune
 from trainer_child.protocol import (
@@ -66,6 +68,19 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
     eta = None
     if beat is not None and beat.max_steps and beat.last_step_seconds and run_state != "completed":
         eta = max(0, beat.max_steps - beat.step) * beat.last_step_seconds
+    steps_per_second = (
+        1.0 / beat.last_step_seconds if beat is not None and beat.last_step_seconds else None
+    )
+    # The same samples the report draws from, so both tell the same loss.
+    samples = [
+        ProgressSample(line.wall_time, line.step, line.attempt)
+        for line in read_loss_log(layout)
+        if line.attempt is not None
+    ]
+    if beat is not None and beat.attempt is not None:
+        samples.append(ProgressSample(beat.wall_time, beat.step, beat.attempt))
+    # A live run is measured up to now; a dead one up to its last sign of life.
+    accounting = account(events, samples, now=time.time() if supervisor_alive else None)
 
     report: dict[str, Any] = {
         "output_dir": str(output_dir),
@@ -78,6 +93,7 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
         "phase": beat.phase.value if beat else None,
         "heartbeat_age_seconds": round(time.time() - beat.wall_time, 1) if beat else None,
         "eta_seconds": round(eta, 1) if eta is not None else None,
+        "steps_per_second": round(steps_per_second, 4) if steps_per_second else None,
         "newest_valid_checkpoint": newest.step if newest else None,
         "attempts": state.attempts if state else 0,
         "restarts": sum(by_kind.values()),
@@ -85,6 +101,9 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
         "overrides": state.overrides.model_dump(exclude_none=True) if state else {},
         "last_failure": _failure(failures[-1]) if failures else None,
         "gave_up": state.gave_up if state else None,
+        "lost_seconds": round(accounting.lost_seconds, 1),
+        "steps_lost": accounting.steps_lost,
+        "goodput": round(accounting.goodput, 4) if accounting.goodput is not None else None,
         "disk_free_bytes": usage.f_bavail * usage.f_frsize,
         "disk_total_bytes": usage.f_blocks * usage.f_frsize,
         "save_interval_advice": _advice(output_dir, events, beat, rows),
@@ -187,26 +206,57 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _progress(report: dict[str, Any]) -> RenderableType:
+    """Step of max_steps as a bar, with the percentage, speed, ETA and phase beside it."""
+    step, total = report["step"], report["max_steps"]
+    if step is None:
+        return "-"
+    text = f"{step}/{total or '?'}"
+    if total:
+        text += f" {min(step, total) / total:.0%}"
+    if report.get("steps_per_second"):
+        text += f"  {report['steps_per_second']:.3g} steps/s"
+    if report["eta_seconds"] is not None:
+        text += f"  ETA {_duration(report['eta_seconds'])}"
+    if report["phase"]:
+        text += f"  ({report['phase']})"
+    if not total:
+        return text
+    finished = report["state"] == "completed"
+    grid = Table.grid(padding=(0, 1))
+    grid.add_row(
+        ProgressBar(
+            total=total,
+            completed=total if finished else min(step, total),
+            width=32,
+            complete_style="cyan",
+            finished_style="green",
+        ),
+        text,
+    )
+    return grid
+
+
 def render_status(report: dict[str, Any], console: Console) -> None:
     """Print the status report as a small table."""
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    progress = "-"
-    if report["step"] is not None:
-        progress = f"{report['step']}/{report['max_steps'] or '?'}"
-        if report["phase"]:
-            progress += f" ({report['phase']})"
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(report["restarts_by_kind"].items()))
     table.add_row("output_dir", report["output_dir"])
     table.add_row("state", report["state"])
     if report["status"]:
         table.add_row("status", report["status"])
-    table.add_row("step", progress)
-    table.add_row("eta", _duration(report["eta_seconds"]))
+    table.add_row("step", _progress(report))
     newest = report["newest_valid_checkpoint"]
     table.add_row("newest valid", f"checkpoint-{newest}" if newest is not None else "none")
     table.add_row("restarts", f"{report['restarts']}" + (f" ({kinds})" if kinds else ""))
+    if report["restarts"]:
+        table.add_row(
+            "lost",
+            f"{report['steps_lost']} steps, {_duration(report['lost_seconds'])}"
+            + (f" (goodput {report['goodput']:.0%})" if report["goodput"] is not None else ""),
+        )
     if report["overrides"]:
         table.add_row("overrides", ", ".join(f"{k}={v}" for k, v in report["overrides"].items()))
     table.add_row(

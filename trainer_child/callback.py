@@ -16,6 +16,8 @@ what the built-in job has:
   ``max_steps`` mid-epoch and trains one more step before it checks the limit;
   the callback stops that step before it begins and ``install_train_guard``
   turns it into a normal return of ``Trainer.train``;
+* ``.warden/metrics.jsonl``, the loss log ``trainwarden report`` plots, and one
+  experiment-tracker run across attempts (see ``observe.py``);
 * the test-only failpoints of ``failpoints.py``.
 
 Hazard, multi-process: SIGTERM reaches each rank at its own moment, so ranks may
@@ -43,6 +45,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from trainer_child.errors import ConfigError, write_report
 from trainer_child.failpoints import Failpoints
 from trainer_child.heartbeat import HeartbeatWriter, attempt_from_env, mark
+from trainer_child.observe import LossLog, adopt_tracking_run_name, record_tracking_runs
 from trainer_child.protocol import (
     COMMIT_RECORD,
     ENV_OUTPUT_DIR,
@@ -356,6 +359,7 @@ class WardenCallback(TrainerCallback):
         self._emergency = False
         self._handle_sigterm = handle_sigterm
         self._final_save_follows = final_save_follows
+        self._loss_log: LossLog | None = None
         install_stack_dumper()
         install_train_guard()
         _Active.callback = self
@@ -410,6 +414,7 @@ class WardenCallback(TrainerCallback):
     ) -> None:
         self.failpoints.bind(_output_dir(args))
         _check_output_dir(args)
+        adopt_tracking_run_name(args)
         self._beat(args, state, Phase.LOAD)
 
     def on_train_begin(
@@ -422,6 +427,8 @@ class WardenCallback(TrainerCallback):
             # rather than wait for the load to finish and outlast the grace.
             install_preemption_handler()
         mark("train_begin")
+        if state.is_world_process_zero:
+            record_tracking_runs(_output_dir(args), attempt=self.attempt)
         self._beat(args, state, Phase.TRAIN)
 
     def on_step_begin(
@@ -512,6 +519,20 @@ class WardenCallback(TrainerCallback):
             _report_preempted(args, state.global_step, self.attempt)
             raise SystemExit(EXIT_PREEMPTED)
         self._beat(args, state, Phase.TRAIN)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not logs or not state.is_world_process_zero:
+            return
+        if self._loss_log is None or self._loss_log.path.parent.parent != Path(_output_dir(args)):
+            self._loss_log = LossLog(_output_dir(args), attempt=self.attempt)
+        self._loss_log.append(state.global_step, logs, epoch=state.epoch)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -42,6 +42,7 @@ __all__ = [
     "ENV_MICRO_BATCH",
     "ENV_OUTPUT_DIR",
     "ENV_RESUME_FROM",
+    "ENV_TRACKING_RUN_ID",
     "EXIT_CONFIG",
     "EXIT_GAVE_UP",
     "EXIT_OK",
@@ -60,9 +61,11 @@ __all__ = [
     "JournalEntry",
     "Layout",
     "LoraSpec",
+    "MetricsLine",
     "Overrides",
     "Phase",
     "RunStateFile",
+    "TrackingFile",
     "TrainSpec",
     "atomic_write_bytes",
     "atomic_write_model",
@@ -95,6 +98,9 @@ SITE_DIR = Path(__file__).resolve().parent / "_site"
 #: reads them from the job file; a bring-your-own script may read these.
 ENV_MICRO_BATCH = "TRAINWARDEN_PER_DEVICE_TRAIN_BATCH_SIZE"
 ENV_GRAD_ACCUM = "TRAINWARDEN_GRADIENT_ACCUMULATION_STEPS"
+#: The run's tracking id (state.json ``tracking_run_id``), the same in every attempt;
+#: the child uses it as the default ``run_name`` so trackio resumes one run by name.
+ENV_TRACKING_RUN_ID = "TRAINWARDEN_TRACKING_RUN_ID"
 
 # --- exit codes --------------------------------------------------------------------
 
@@ -215,6 +221,8 @@ class Layout:
         self.lock = self.warden / "lock"
         self.failpoints = self.warden / "failpoints.json"
         self.job = self.warden / "job.json"
+        self.metrics = self.warden / "metrics.jsonl"
+        self.tracking = self.warden / "tracking.json"
         self.final = self.output_dir / "final"
 
     def checkpoint(self, step: int) -> Path:
@@ -420,6 +428,43 @@ class RunStateFile(_Model):
     child_create_time: float | None = None
     mode: str = ""
     updated_wall_time: float = 0.0
+    #: Made once for the run and kept forever: every attempt logs into the experiment
+    #: tracker run of this id (``WANDB_RUN_ID``), so a restart does not split the run.
+    tracking_run_id: str | None = None
+
+
+class MetricsLine(_Model):
+    """One line of ``.warden/metrics.jsonl``: the child's loss log, for ``trainwarden report``.
+
+    Appended by rank 0 at every Trainer ``on_log`` that carries a training loss;
+    every attempt appends to the same file, so steps re-done after a failure
+    appear twice, once per attempt.
+    """
+
+    step: int = Field(ge=0)
+    loss: float | None = None
+    learning_rate: float | None = None
+    epoch: float | None = None
+    attempt: int | None = None
+    wall_time: float
+
+
+class TrackingFile(_Model):
+    """``.warden/tracking.json``: experiment-tracker runs the child found itself logging to.
+
+    MLflow only resumes a run that exists (``MLFLOW_RUN_ID`` must name one), so the
+    first attempt lets MLflow create it and records its id here; the supervisor
+    hands it to every later attempt.
+    """
+
+    mlflow_run_id: str | None = None
+    mlflow_experiment_id: str | None = None
+    #: The MLFLOW_* variables the run was created under (tracking URI, experiment):
+    #: under other ones the id would name a run MLflow cannot find, and the child
+    #: would crash at start, so the supervisor then lets MLflow make a new run.
+    mlflow_env: dict[str, str] = Field(default_factory=dict)
+    attempt: int | None = None
+    wall_time: float = 0.0
 
 
 class JournalEntry(_Model):

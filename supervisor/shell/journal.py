@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from trainer_child.protocol import (
     JournalEntry,
     Layout,
+    MetricsLine,
     RunStateFile,
     atomic_write_model,
     read_model,
@@ -37,6 +38,7 @@ __all__ = [
     "FileJournal",
     "Journal",
     "read_events",
+    "read_loss_log",
     "read_state",
 ]
 
@@ -232,6 +234,23 @@ def read_events(layout: Layout) -> list[JournalEntry]:
             except (ValueError, ValidationError):
                 continue
     return entries
+
+
+def read_loss_log(layout: Layout) -> list[MetricsLine]:
+    """Read the child's loss log (``metrics.jsonl``); lines that do not parse are skipped."""
+    try:
+        raw = layout.metrics.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    lines: list[MetricsLine] = []
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            lines.append(MetricsLine.model_validate(json.loads(line)))
+        except (ValueError, ValidationError):
+            continue
+    return lines
 
 
 def read_state(layout: Layout) -> RunStateFile | None:

@@ -60,7 +60,7 @@ def test_resume_placeholder_is_dropped_on_a_fresh_start_and_filled_on_resume(
         """
         if attempt == 1:
             sys.path.insert(0, {repo!r})
-            from tests.checkpoint_factory import make_checkpoint
+            from tests.support.checkpoints import make_checkpoint
             make_checkpoint(Path(os.environ["TRAINWARDEN_OUTPUT_DIR"]), 4, record=False)
             sys.exit(1)
         """.replace("{repo!r}", repr(str(REPO_ROOT))),
