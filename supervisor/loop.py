@@ -29,12 +29,14 @@ from supervisor.core.model import (
     Action,
     ChildExited,
     ChildSpawned,
+    Disk,
     Event,
     Exit,
     ExtendStop,
     FailureKind,
     FailureNote,
     FreeSpace,
+    HeartbeatView,
     InventoryChanged,
     Launch,
     Mode,
@@ -61,6 +63,7 @@ from supervisor.shell.heartbeat import HeartbeatMonitor, HeartbeatSource
 from supervisor.shell.journal import FileJournal, Journal
 from supervisor.shell.launcher import Launcher, ProcessLauncher
 from supervisor.shell.lock import Lock, RunLock
+from supervisor.shell.observe import Observer, RunObserver, RunView
 from supervisor.shell.procs import Peers, ProcPeers
 from supervisor.shell.rundir import FileRunDir, RunDir
 from supervisor.shell.store import CheckpointStore, FileCheckpointStore
@@ -126,6 +129,7 @@ class Shell:
     heartbeat: HeartbeatSource
     evidence: EvidenceSource
     watcher: WatcherFactory
+    observer: Observer
     signals: SignalInstaller = signals.install
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
@@ -147,6 +151,7 @@ def default_shell(config: Config) -> Shell:
         heartbeat=HeartbeatMonitor(layout),
         evidence=FileEvidence(layout),
         watcher=CheckpointWatcher,
+        observer=RunObserver(config),
     )
 
 
@@ -172,6 +177,11 @@ class Supervisor:
         shell.run_dir.prepare()
         previous = shell.journal.read_state()
         orphan = self._claim_output_dir(previous)
+        try:
+            shell.observer.start(previous)
+        except BaseException:
+            shell.lock.release()
+            raise
         restore = shell.signals(self.queue.put, SignalReceived)
         watcher = shell.watcher(self.config.output_dir, lambda: self.queue.put(_FsNotice()))
         try:
@@ -199,6 +209,8 @@ class Supervisor:
             watcher.stop()
             restore()
             shell.launcher.close()
+            shell.observer.update(self._view())
+            shell.observer.close()
             shell.lock.release()
 
     def _claim_output_dir(self, previous: RunStateFile | None) -> int | None:
@@ -286,12 +298,29 @@ class Supervisor:
             lock_acquired = lock.acquire()
             orphan = self.state.orphan
             orphan_alive = orphan is not None and self.shell.launcher.process_alive(orphan.pid)
+        disk = self.shell.disk.usage()
+        self.shell.observer.update(self._view(beat, disk.free))
         return Tick(
-            disk=self.shell.disk.usage(),
+            disk=disk,
             heartbeat=beat,
             child_stopped=stopped,
             lock_acquired=lock_acquired,
             orphan_alive=orphan_alive,
+        )
+
+    def _view(self, beat: HeartbeatView | None = None, disk_free: int | None = None) -> RunView:
+        """The run as the observer sees it now (the heartbeat of this tick, if any)."""
+        state = self.state
+        beat = beat or state.heartbeat
+        return RunView(
+            wall=self.shell.wall(),
+            mode=state.mode,
+            attempt=state.attempt,
+            step=beat.step if beat is not None else None,
+            max_steps=beat.max_steps if beat is not None else None,
+            last_step_seconds=beat.last_step_seconds if beat is not None else None,
+            newest_checkpoint_step=state.newest_valid,
+            disk_free_bytes=disk_free if disk_free is not None else _free(state.disk),
         )
 
     def _child_exited(self, notice: _ExitNotice) -> Event:
@@ -360,6 +389,7 @@ class Supervisor:
 
     def _record(self, event: str, fields: dict[str, object]) -> None:
         self.shell.journal.append(event, self.state.attempt, **fields)
+        self.shell.observer.record(self.shell.wall(), event, self.state.attempt, fields)
         failure = event in ("failure", "gave_up", "hang_detected")
         (log.warning if failure else log.info)(event, attempt=self.state.attempt, **fields)
 
@@ -425,6 +455,7 @@ class Supervisor:
         env["PYTHONUNBUFFERED"] = "1"
         if self.config.command is not None and self.config.inject_callback:
             env.update(injection_env(env))
+        env.update(self.shell.observer.child_env(env))
         # systemd's notify socket belongs to the supervisor (NotifyAccess=main).
         for name in NOTIFY_ENV_VARS:
             env.pop(name, None)
@@ -465,7 +496,12 @@ class Supervisor:
             child_pid=child.pid if child else None,
             child_create_time=self.shell.peers.create_time(child.pid) if child else None,
             updated_wall_time=wall,
+            tracking_run_id=self.shell.observer.tracking_run_id,
         )
+
+
+def _free(disk: Disk | None) -> int | None:
+    return disk.free if disk is not None else None
 
 
 def injection_env(env: dict[str, str]) -> dict[str, str]:

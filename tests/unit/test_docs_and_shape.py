@@ -119,6 +119,7 @@ def _protocols() -> list[type]:
         journal,
         launcher,
         lock,
+        observe,
         oom,
         procs,
         rundir,
@@ -127,7 +128,19 @@ def _protocols() -> list[type]:
         watcher,
     )
 
-    modules = (disk, evidence, heartbeat, journal, launcher, lock, oom, procs, rundir, store)
+    modules = (
+        disk,
+        evidence,
+        heartbeat,
+        journal,
+        launcher,
+        lock,
+        observe,
+        oom,
+        procs,
+        rundir,
+        store,
+    )
     return [
         cls
         for module in (*modules, systemd, watcher)
