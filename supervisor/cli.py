@@ -114,7 +114,7 @@ def report(
     except MissingExtra as exc:
         err.print(f"[bold red]trainwarden:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(exc.exit_code) from None
-    out.print(str(path), highlight=False)
+    out.print(str(path), highlight=False, soft_wrap=True)  # a path is never broken
 
 
 @app.command()

@@ -112,13 +112,16 @@ def install_train_guard(trainer_cls: Any = None) -> None:
         for warden in wardens:
             warden.in_train_call = True
         try:
-            return original(self, *args, **kwargs)
+            result = original(self, *args, **kwargs)
         except TrainingAlreadyComplete as done:
             log.info("training_already_complete %s", done)
-            return _finish_without_training(self)
-        finally:
-            for warden in wardens:
-                warden.in_train_call = False
+            result = _finish_without_training(self)
+        # Not in a `finally`: an exception leaving train() must still find the
+        # flag set, so the error report can tell a checkpoint that will not load
+        # (kind `resume`) from any other failure.
+        for warden in wardens:
+            warden.in_train_call = False
+        return result
 
     setattr(train, _GUARDED, True)
     trainer_cls.train = train
