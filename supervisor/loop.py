@@ -10,6 +10,7 @@ the narrow interfaces bundled in ``Shell`` (each has a fake for tests).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import random
@@ -61,7 +62,7 @@ from supervisor.shell import procs, signals
 from supervisor.shell.disk import DiskProbe, StatvfsDisk
 from supervisor.shell.heartbeat import HeartbeatMonitor
 from supervisor.shell.journal import FileJournal, Journal, read_state
-from supervisor.shell.launcher import Launcher, ProcessLauncher
+from supervisor.shell.launcher import JobMarker, Launcher, ProcessLauncher
 from supervisor.shell.lock import RunLock
 from supervisor.shell.oom import OomEvidence, OomWatch
 from supervisor.shell.store import CheckpointStore, FileCheckpointStore
@@ -134,7 +135,9 @@ def default_shell(config: Config) -> Shell:
     """The real shell for a config: processes, files, statvfs, sd_notify."""
     layout = Layout(config.output_dir)
     return Shell(
-        launcher=ProcessLauncher(linger=config.preemption.grace),
+        launcher=ProcessLauncher(
+            linger=config.preemption.grace, marker=JobMarker(ENV_OUTPUT_DIR, str(config.output_dir))
+        ),
         store=FileCheckpointStore(config.output_dir, require_record=config.train is not None),
         journal=FileJournal(layout),
         disk=StatvfsDisk(config.output_dir),
@@ -161,6 +164,7 @@ class Supervisor:
         self._last_rescan = 0.0
         self._last_tick = 0.0
         self._child_pids: set[int] = set()
+        self._orphan_gone_seen = False
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -183,6 +187,13 @@ class Supervisor:
                     f"{self.layout.lock} is held by an unknown process; find it with "
                     f"`fuser {self.layout.lock}` and stop it"
                 )
+        else:
+            # Ranks whose launcher died with the last supervisor hold no lock (torchrun
+            # closes inherited descriptors) and may train on: wait them out as an orphan.
+            strays = self.shell.launcher.job_processes(None)
+            if strays:
+                orphan = strays[0]
+                log.warning("stray_job_processes", pids=strays)
         restore = signals.install(self.queue.put, SignalReceived)
         watcher = (
             CheckpointWatcher(self.config.output_dir, lambda: self.queue.put(_FsNotice()))
@@ -259,9 +270,9 @@ class Supervisor:
         now = self.shell.clock()
         self._last_tick = now
         self.shell.notifier.watchdog()
-        orphan_just_gone = (
-            self.state.mode is Mode.WAITING_ORPHAN and not self.lock.held and self.lock.acquire()
-        )
+        orphan_gone = self.state.mode is Mode.WAITING_ORPHAN and self._orphan_gone()
+        orphan_just_gone = orphan_gone and not self._orphan_gone_seen
+        self._orphan_gone_seen = orphan_gone
         # A gone orphan is judged by what it left (its emergency checkpoint, or
         # final/) from a fresh scan, not from a watcher notice that may still be
         # on its way; the next tick reports the lock as ours.
@@ -280,9 +291,9 @@ class Supervisor:
         lock_acquired = False
         orphan_alive = False
         if self.state.mode is Mode.WAITING_ORPHAN:
-            lock_acquired = self.lock.acquire()
+            lock_acquired = orphan_gone
             pid = self.state.orphan_pid
-            orphan_alive = pid is not None and self.shell.launcher.process_alive(pid)
+            orphan_alive = pid is not None and bool(self.shell.launcher.job_processes(pid))
         return Tick(
             disk=self.shell.disk.usage(),
             heartbeat=beat,
@@ -290,6 +301,16 @@ class Supervisor:
             lock_acquired=lock_acquired,
             orphan_alive=orphan_alive,
         )
+
+    def _orphan_gone(self) -> bool:
+        """Say whether the orphan's lock is ours and no process of its job is left.
+
+        The lock alone is not enough: torchrun's ranks do not inherit it, and
+        may outlive their agent.
+        """
+        if not self.lock.acquire():
+            return False
+        return not self.shell.launcher.job_processes(self.state.orphan_pid)
 
     def _child_exited(self, notice: _ExitNotice) -> Event:
         self._child_pids.discard(notice.pid)
@@ -324,6 +345,7 @@ class Supervisor:
             and self.oom_watch.kernel_log_oom()
         )
         worker_signal = launcher_reported_signal(tail)
+        worker_exit = launcher_reported_exit(tail) if worker_signal is None else None
         line = _report_line(report) if report else last_error_line(tail)
         if worker_signal is not None and report is None:
             line = None  # "died with SIGKILL" names no error, however often it recurs
@@ -336,6 +358,7 @@ class Supervisor:
             error_line=line,
             log_usage_error=bool(line and _USAGE_ERROR_RE.match(line)),
             worker_signal=worker_signal,
+            worker_exit=worker_exit,
             log_cuda_oom=any(m in tail for m in _CUDA_OOM_MARKERS),
             log_enospc=any(m in tail for m in _ENOSPC_MARKERS),
             cgroup_oom_kill=cgroup_oom,
@@ -445,12 +468,16 @@ class Supervisor:
         )
         atomic_write_model(self.layout.job, job)
         argv = [sys.executable, "-m", "trainer_child", "--job", str(self.layout.job)]
+        if self.config.train.nproc_per_node > 1:
+            # torch.distributed.run's agent, in-process, around N ranks of the same child.
+            nproc = str(self.config.train.nproc_per_node)
+            argv[2:3] = ["trainer_child.launch", "--nproc-per-node", nproc]
         if resume_path:
             argv += ["--resume-from", resume_path]
         return argv
 
     def _env(self, action: Launch, resume_path: str) -> dict[str, str]:
-        env = {**os.environ, **self.config.env}
+        env = {**os.environ, **launcher_env(self.config.preemption.grace), **self.config.env}
         env[ENV_RESUME_FROM] = resume_path
         env[ENV_OUTPUT_DIR] = str(self.config.output_dir)
         env[ENV_ATTEMPT] = str(action.attempt)
@@ -512,6 +539,22 @@ def injection_env(env: dict[str, str]) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([site, *paths]), ENV_INJECT: "1"}
 
 
+def launcher_env(grace: float) -> dict[str, str]:
+    """Return the settings that put torch.distributed's agent under trainwarden's rules.
+
+    Its own restarts off (torchrun's ``--max-restarts`` defaults to
+    ``PET_MAX_RESTARTS``): trainwarden restarts the whole group, from a checkpoint
+    it has verified. Its shutdown timeout (SIGTERM to the ranks, then SIGKILL;
+    30 s by default) raised to the preemption grace, so it never kills a rank
+    still writing its emergency checkpoint before trainwarden itself would.
+    A flag on the command line, or the job's ``env:``, still wins.
+    """
+    return {
+        "PET_MAX_RESTARTS": "0",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(1, math.ceil(grace))),
+    }
+
+
 def _kind(value: str) -> FailureKind:
     try:
         return FailureKind(value)
@@ -553,6 +596,27 @@ _LAUNCHER_SIGNAL_RES = (
     re.compile(rb"Signal (\d+) \(SIG\w+\) received by PID"),
     re.compile(rb"exitcode\s*:\s*-(\d+)"),
 )
+
+
+#: A launcher's account of a worker's exit status: torchrun's failure summary
+#: (its root cause comes last) and ``accelerate launch``'s CalledProcessError.
+_LAUNCHER_EXIT_RES = (
+    re.compile(rb"exitcode\s*:\s*(-?\d+)"),
+    re.compile(rb"returned non-zero exit status (\d+)"),
+)
+
+
+def launcher_reported_exit(tail: bytes) -> int | None:
+    """Return the exit status a launcher says its (first failed) worker ended with.
+
+    Negative values (a signal) are ``launcher_reported_signal``'s; None then.
+    """
+    found: tuple[int, int] | None = None
+    for pattern in _LAUNCHER_EXIT_RES:
+        for match in pattern.finditer(tail):
+            if found is None or match.start() > found[0]:
+                found = (match.start(), int(match.group(1)))
+    return found[1] if found is not None and found[1] >= 0 else None
 
 
 def launcher_reported_signal(tail: bytes) -> int | None:

@@ -87,13 +87,19 @@ def classify_exit(
         return Verdict(
             Outcome.FAILED, FailureKind.CRASH, "exit 0 but final/ has no valid commit record"
         )
-    if returncode == EXIT_PREEMPTED or evidence.error_kind == ErrorKind.PREEMPTED.value:
+    # A launcher (torchrun, accelerate) exits 1 whatever its workers said; what
+    # it reported of them stands in for the child's own exit status.
+    worker = f"; worker exit {evidence.worker_exit}" if evidence.worker_exit is not None else ""
+    exits = (returncode, evidence.worker_exit)
+    if EXIT_PREEMPTED in exits or evidence.error_kind == ErrorKind.PREEMPTED.value:
         # SIGTERM from someone else (a VM shutting down, an operator): the child
         # saved an emergency checkpoint; resuming is not a failure. A launcher
         # in between loses the 75; error.json says it instead.
-        return Verdict(Outcome.PREEMPTED, FailureKind.PREEMPTED, f"{how} (emergency checkpoint)")
-    if returncode == EXIT_CONFIG:
-        return Verdict(Outcome.FAILED, FailureKind.CONFIG, f"{how}{error}")
+        return Verdict(
+            Outcome.PREEMPTED, FailureKind.PREEMPTED, f"{how}{worker} (emergency checkpoint)"
+        )
+    if EXIT_CONFIG in exits:
+        return Verdict(Outcome.FAILED, FailureKind.CONFIG, f"{how}{worker}{error}")
     if returncode == EXIT_USAGE and evidence.log_usage_error:
         # argparse rejected the command line: the same on every attempt.
         return Verdict(Outcome.FAILED, FailureKind.CONFIG, f"{how}; {evidence.error_line}")
