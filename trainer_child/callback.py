@@ -448,6 +448,17 @@ class WardenCallback(TrainerCallback):
     ) -> None:
         self.failpoints.bind(_output_dir(args))
         self.ranks = Ranks.current()
+        if self.ranks.distributed:
+            # Every rank says what it runs with: an OOM remedy must reach them all.
+            log.info(
+                "rank_training rank=%d world_size=%d device=%s "
+                "per_device_train_batch_size=%d gradient_accumulation_steps=%d",
+                self.ranks.rank,
+                self.ranks.world_size,
+                self.ranks.device,
+                args.per_device_train_batch_size,
+                args.gradient_accumulation_steps,
+            )
         if self._handle_sigterm:
             # Only now: until the loop runs there is no progress to save, so a
             # SIGTERM during a (possibly minutes-long) load should kill at once

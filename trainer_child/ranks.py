@@ -19,15 +19,12 @@ exists: this module stays importable by the light half of the child.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Ranks", "launched_rank"]
-
-log = logging.getLogger("trainer_child")
 
 
 @dataclass(frozen=True)
@@ -65,15 +62,7 @@ class Ranks:
         device = "cpu"
         if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"
-        ranks = cls(rank=int(dist.get_rank()), world_size=world_size, device=device)
-        log.info(
-            "ranks rank=%d world_size=%d backend=%s device=%s",
-            ranks.rank,
-            world_size,
-            backend,
-            device,
-        )
-        return ranks
+        return cls(rank=int(dist.get_rank()), world_size=world_size, device=device)
 
     def any(self, flag: bool) -> bool:
         """Return whether ``flag`` is true on at least one rank (a collective: all must call)."""

@@ -67,6 +67,10 @@ def classify_exit(
 ) -> Verdict:
     """Classify one child exit (DESIGN.md, "Failure kinds and what happens")."""
     how = describe_exit(returncode, signal)
+    if signal is None and evidence.worker_signal is not None:
+        # Behind a launcher: the rank that died first, not the peer that then
+        # failed in a collective (whose error.json may be all there is).
+        how += f"; a worker was {describe_exit(None, evidence.worker_signal)}"
     error = ""
     if evidence.error_type:
         error = f"; {evidence.error_type}: {evidence.error_message or ''}".rstrip(": ")
