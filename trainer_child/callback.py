@@ -44,7 +44,6 @@ import functools
 import importlib.metadata
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -72,7 +71,7 @@ from trainer_child.protocol import (
     file_digest,
     fsync_dir,
 )
-from trainer_child.ranks import Ranks
+from trainer_child.ranks import Ranks, missing_rank_files
 
 __all__ = [
     "TrainingAlreadyComplete",
@@ -83,7 +82,6 @@ __all__ = [
     "install_stack_dumper",
     "install_train_guard",
     "library_versions",
-    "missing_rank_files",
     "preemption_requested",
 ]
 
@@ -226,26 +224,6 @@ def _is_record_file(name: str) -> bool:
     return name == COMMIT_RECORD or (
         name.startswith(f".{COMMIT_RECORD}.") and name.endswith(".tmp")
     )
-
-
-#: What HF's Trainer writes once per rank when several ranks train.
-_RANK_RNG_RE = re.compile(r"^rng_state_(\d+)\.pth$")
-
-
-def missing_rank_files(folder: str | os.PathLike[str], world_size: int) -> list[str]:
-    """Name the per-rank files a checkpoint of ``world_size`` ranks should hold and lacks.
-
-    HF writes ``rng_state_K.pth`` from every rank K (unless ``save_only_model``,
-    when no rank writes one); a checkpoint with some of them is a checkpoint
-    some rank has not finished, and resuming it silently reseeds that rank.
-    """
-    if world_size <= 1:
-        return []
-    names = {entry.name for entry in Path(folder).iterdir()}
-    if not any(_RANK_RNG_RE.match(name) for name in names):
-        return []
-    expected = [f"rng_state_{rank}.pth" for rank in range(world_size)]
-    return [name for name in expected if name not in names]
 
 
 def commit_checkpoint(

@@ -1,4 +1,4 @@
-"""The two collectives ``WardenCallback`` needs to make several ranks act as one.
+"""What ``WardenCallback`` needs to make several ranks act as one: two collectives.
 
 Under torchrun or ``accelerate launch`` every rank runs its own callback. Left
 alone, each would stop at the step its own SIGTERM happened to arrive at, and
@@ -13,18 +13,21 @@ rank 0 would seal a checkpoint before the other ranks had written their part
 * ``barrier()``: every rank waits for the others (rank 0's commit record).
 
 Alone (no process group, or a group of one) both are free and do nothing, so
-single-process training pays nothing. torch is imported only once a group
+single-process training pays nothing. ``missing_rank_files`` is the check rank
+0 makes before it vouches for every rank's part of a checkpoint. torch is imported only once a group
 exists: this module stays importable by the light half of the child.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["Ranks", "launched_rank"]
+__all__ = ["Ranks", "launched_rank", "missing_rank_files"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,26 @@ class Ranks:
             # An all-reduce rather than dist.barrier(): with nccl, barrier() has to
             # guess a device and warns about it; this one names the device.
             self.any(False)
+
+
+#: What HF's Trainer writes once per rank when several ranks train.
+_RANK_RNG_RE = re.compile(r"^rng_state_(\d+)\.pth$")
+
+
+def missing_rank_files(folder: str | os.PathLike[str], world_size: int) -> list[str]:
+    """Name the per-rank files a checkpoint of ``world_size`` ranks should hold and lacks.
+
+    HF writes ``rng_state_K.pth`` from every rank K (unless ``save_only_model``,
+    when no rank writes one); a checkpoint with some of them is a checkpoint
+    some rank has not finished, and resuming it silently reseeds that rank.
+    """
+    if world_size <= 1:
+        return []
+    names = {entry.name for entry in Path(folder).iterdir()}
+    if not any(_RANK_RNG_RE.match(name) for name in names):
+        return []
+    expected = [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    return [name for name in expected if name not in names]
 
 
 def launched_rank() -> tuple[int, int]:
