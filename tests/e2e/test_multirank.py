@@ -8,7 +8,10 @@ Each scenario is one supervised run whose observations several tests judge:
 * hand-over: the supervisor is SIGKILLed, a second one makes the orphaned
   group save and exit before it starts its own; then that one is SIGTERMed
   (both ranks save the same step and exit), and a third finishes the run;
-* a kernel OOM kill of one rank in a memory cgroup (serial, root only).
+* a kernel OOM kill of one rank in a memory cgroup (serial, root only);
+* two "nodes" on localhost, one torchrun agent each over a c10d rendezvous
+  (no supervisor: one per node is not supported yet): SIGTERM to one node
+  stops both at the same step, and the resume is bit-identical.
 
 Throughout, a census thread reads the environment of every process of the
 job every 50 ms: no two attempts' processes may ever be alive at once.
@@ -22,6 +25,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -163,8 +167,8 @@ def records(output_dir: Path) -> dict[int, CommitRecord]:
     return found
 
 
-def committed_by(output_dir: Path, attempt: int) -> int | None:
-    """The newest step committed by ``attempt``, if any."""
+def committed_by(output_dir: Path, attempt: int | None) -> int | None:
+    """The newest step committed by ``attempt`` (None: run without a supervisor), if any."""
     steps = [step for step, record in records(output_dir).items() if record.attempt == attempt]
     return max(steps, default=None)
 
@@ -178,7 +182,7 @@ def uncommitted(output_dir: Path) -> int | None:
     return None
 
 
-def training(layout: Layout, attempt: int) -> bool:
+def training(layout: Layout, attempt: int | None) -> bool:
     beat = heartbeat(layout)
     return beat is not None and beat.attempt == attempt and beat.phase is Phase.TRAIN
 
@@ -480,6 +484,89 @@ def test_resuming_after_sigterm_loses_no_step_and_ends_bit_identical(
     assert preempted["checkpoint"] >= hand_over.step_before_sigterm
     assert not [e for e in hand_over.journal if e["event"] == "failure"]
     assert_bit_identical(hand_over.job.layout.final, reference)
+
+
+# --- two nodes on localhost ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def node_argv(node: int, port: int, run_id: str, job_file: Path, *extra: str) -> list[str]:
+    """torchrun on one of two nodes: one rank each, c10d rendezvous on localhost."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        f"--node-rank={node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id={run_id}",
+        "--max-restarts=0",
+        "--module",
+        "trainer_child",
+        "--job",
+        str(job_file),
+        *extra,
+    ]
+
+
+def run_nodes(root: Path, env: dict[str, str], name: str, *extra: str) -> list[Child]:
+    port, run_id = free_port(), uuid.uuid4().hex[:8]
+    return [
+        Child(
+            node_argv(node, port, run_id, root / "job.json", *extra),
+            env,
+            root / f"{name}{node}.log",
+        )
+        for node in range(2)
+    ]
+
+
+def test_sigterm_to_one_node_stops_both_at_one_step_and_resumes_bit_identical(
+    tmp_path: Path, env: dict[str, str], reference: Path
+) -> None:
+    """One node preempted: the other node's rank saves the same step; the resume is exact."""
+    spec = JobFile.model_validate({"output_dir": str(tmp_path / "out"), "train": TRAIN})
+    (tmp_path / "job.json").write_text(spec.model_dump_json())
+    layout = Layout(tmp_path / "out")
+    nodes = run_nodes(tmp_path, env, "node")
+    try:
+        wait_for(lambda: committed_by(layout.output_dir, None) and training(layout, None), TIMEOUT)
+        os.killpg(nodes[1].pid, signal.SIGTERM)  # node 1's agent; it passes SIGTERM on
+        codes = [node.wait(TIMEOUT) for node in nodes]
+        logs = [node.log_path.read_text(errors="replace") for node in nodes]
+    finally:
+        for node in nodes:
+            node.close()
+    stops = [re.findall(r"preempted step=(\d+) \S+ rank=(\d+)", log) for log in logs]
+    assert all(stops), logs
+    ((step0, rank0),), ((step1, rank1),) = stops
+    assert (rank0, rank1) == ("0", "1")
+    assert step0 == step1, stops
+    assert "sigterm_here=False" in logs[0], "node 0 got no SIGTERM: it stopped by agreement"
+    # torchrun exits 1 either way; node 0's summary says its rank exited 75.
+    assert codes == [1, 1], codes
+    assert re.search(r"exitcode\s*:\s*75", logs[0]), logs[0][-3000:]
+    step = int(step0)
+    record = read_model(layout.checkpoint(step) / COMMIT_RECORD, CommitRecord)
+    assert record is not None
+    assert (record.reason, record.world_size) == ("emergency", 2)
+    assert rank_files(record) == {"rng_state_0.pth", "rng_state_1.pth"}
+
+    nodes = run_nodes(tmp_path, env, "resume", "--resume-from", str(layout.checkpoint(step)))
+    try:
+        assert [node.wait(TIMEOUT) for node in nodes] == [0, 0], nodes[0].log()
+    finally:
+        for node in nodes:
+            node.close()
+    assert_bit_identical(layout.final, reference)
 
 
 # --- host OOM -------------------------------------------------------------------------------
