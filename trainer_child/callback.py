@@ -529,8 +529,10 @@ class WardenCallback(TrainerCallback):
             # every bit of progress is safe and the grace period is not spent. At
             # the last step the run is done: finishing (final/, exit 0) is quicker
             # than a restart that would only write final/.
-            # No rank leaves before the record is durable: a launcher tears down
-            # the remaining ranks as soon as one exits.
+            # No rank leaves before the record is durable: torchrun's agent, once
+            # one rank exits, SIGTERMs the others and SIGKILLs them 30 s later
+            # (fixed on that path; TORCH_ELASTIC_SHUTDOWN_TIMEOUT only covers
+            # the agent's own SIGTERM).
             self.ranks.barrier()
             rank = self.ranks.rank
             log.warning("preempted step=%d checkpoint=%s rank=%d", state.global_step, folder, rank)
