@@ -293,7 +293,11 @@ class Supervisor:
         if self.state.mode is Mode.WAITING_ORPHAN:
             lock_acquired = orphan_gone
             pid = self.state.orphan_pid
-            orphan_alive = pid is not None and bool(self.shell.launcher.job_processes(pid))
+            # Its ranks count too; the cheap check first, /proc is scanned only after.
+            launcher = self.shell.launcher
+            orphan_alive = pid is not None and (
+                launcher.process_alive(pid) or bool(launcher.job_processes(pid))
+            )
         return Tick(
             disk=self.shell.disk.usage(),
             heartbeat=beat,
