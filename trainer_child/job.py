@@ -31,6 +31,7 @@ from trainer_child import builtin
 from trainer_child.errors import ConfigError, DataError
 from trainer_child.heartbeat import mark
 from trainer_child.protocol import JobFile, Layout, LoraSpec, TrainSpec, fsync_dir
+from trainer_child.ranks import launched_rank
 
 if TYPE_CHECKING:
     from trainer_child.callback import WardenCallback
@@ -68,14 +69,6 @@ def _unknown_field_message(unknown: list[str], valid: list[str]) -> str:
     return f"unknown train.sft field {', '.join(parts)}: not a trl.SFTConfig field"
 
 
-def _world_size() -> int:
-    """Return the number of ranks torch.distributed.run started (1 when run alone)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
 def _hardware_defaults(user: dict[str, Any]) -> dict[str, Any]:
     """Return precision and pinning the hardware can do, for what the user left unset.
 
@@ -88,7 +81,8 @@ def _hardware_defaults(user: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     defaults: dict[str, Any] = {"dataloader_pin_memory": torch.cuda.is_available()}
-    if _world_size() > 1 and not torch.cuda.is_available():
+    _, world_size = launched_rank()
+    if world_size > 1 and not torch.cuda.is_available():
         defaults["use_cpu"] = True
     if "bf16" not in user and "fp16" not in user:
         if not torch.cuda.is_available():
