@@ -73,10 +73,13 @@ def spawn_agent(
 
 
 def rank_pid(output_dir: Path) -> int:
-    """The pid the agent script wrote for its 'rank'."""
+    """The pid the agent script wrote for its 'rank', once it leads a session of its own."""
     path = output_dir / "rank.pid"
-    wait_for(lambda: path.exists() and path.read_text().strip())
-    return int(path.read_text())
+    wait_for(lambda: path.exists() and path.read_text().endswith("\n"))
+    pid = int(path.read_text())
+    # $! is known before the background job has run setsid(2).
+    wait_for(lambda: os.getsid(pid) == pid)
+    return pid
 
 
 #: The agent: starts one 'rank' in a session of its own, notes its pid, waits.
