@@ -1,15 +1,17 @@
-"""Session fixtures for real-process tests: one model cache, one reference run per job."""
+"""Session fixtures for real-process tests: one model cache, one reference run per job,
+one S3 server for the mirror tests."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.childkit import child_env, run_to_end, write_job
+from tests.integration.seaweed import SeaweedS3, running_seaweed
 from tests.integration.supervised import STANDARD_SFT
 
 
@@ -49,3 +51,10 @@ def reference_final(
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One real S3 server (SeaweedFS on loopback) for the session; stopped by PID at the end."""
+    with running_seaweed(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
