@@ -1,7 +1,8 @@
 """Errors of the remote mirror, and the redaction every message about storage goes through.
 
 MirrorError                 a storage operation failed; the message names the URL
- +-- ProbeFailed            the start-up probe failed: exit 78 (wrong bucket, bad credentials)
+ +-- ProbeFailed            the mirror is unusable at start: exit 78 (backend not installed,
+                            wrong bucket, bad credentials, no permission to list/read/delete)
  +-- RemoteCorrupt          downloaded bytes disagree with the remote commit record
  +-- LocalMismatch          the local folder is gone or disagrees with its own record:
                             retrying cannot help, so the worker does not retry
@@ -55,7 +56,11 @@ class MirrorError(TrainwardenError):
 
 
 class ProbeFailed(MirrorError):
-    """The start-up probe could not write, list, read or delete: the run must not start."""
+    """The mirror is unusable (no backend, or the probe could not write, list, read, delete).
+
+    Found at start, so the run refuses to begin rather than train for hours with
+    no remote copy; ``exit_code`` is 78 so systemd does not restart into it.
+    """
 
     exit_code = EXIT_CONFIG
 

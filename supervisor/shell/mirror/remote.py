@@ -291,9 +291,10 @@ class RemoteStore:
     Without them s3fs and gcsfs find credentials in the environment and instance
     roles, which is the recommended way.
 
-    Methods raise ``MirrorError`` subclasses for what they judged (see errors.py)
-    and let a backend's own exceptions through for "unreachable or refusing";
-    ``describe`` turns any of them into a secret-free line.
+    Construction raises ``ProbeFailed`` (exit 78) when the backend is missing or
+    rejects the options. Methods raise ``MirrorError`` subclasses for what they
+    judged (see errors.py) and let a backend's own exceptions through for
+    "unreachable or refusing"; ``describe`` turns any of them into a secret-free line.
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -312,12 +313,12 @@ class RemoteStore:
         except ImportError as exc:
             extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol)
             hint = f": pip install 'trainwarden[{extra}]'" if extra else ""
-            raise MirrorError(
+            raise ProbeFailed(
                 f"mirror {self.url}: the {protocol}:// backend is not installed{hint} "
                 f"({self.redactor.describe(exc)})"
             ) from None
         except Exception as exc:
-            raise MirrorError(
+            raise ProbeFailed(
                 f"mirror {self.url}: cannot open ({self.redactor.describe(exc)})"
             ) from None
         self.fs: Any = fs
