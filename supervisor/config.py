@@ -144,7 +144,7 @@ class MirrorConfig(_Section):
         if not sep or not scheme or not rest.strip("/"):
             raise ValueError(
                 f"{url!r} is not a URL: use e.g. s3://bucket/prefix, gs://bucket/prefix "
-                "or file:///mnt/shared/runs/name"
+                "or file:///mnt/nfs/runs/name"
             )
         # Imported here: fsspec's registry is only needed when a mirror is configured.
         from fsspec.registry import known_implementations, registry  # noqa: PLC0415
