@@ -8,10 +8,12 @@ PID and starts it again on the same data dir and ports.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,6 +209,50 @@ def test_drain_drops_prunes_and_reports_what_is_left(tmp_path: Path, layout: Lay
         assert remote.inventory().valid_steps() == [8]
     finally:
         assert worker.close(timeout=30)
+
+
+class GatedRemote(RemoteStore):
+    """A real file:// store whose uploads of one folder wait at a gate, file by file."""
+
+    def __init__(self, url: str, gated: str) -> None:
+        super().__init__(url)
+        self.gated = gated
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def _put_file(self, source: Path, dest: str) -> None:
+        if f"/{self.gated}/" in dest:
+            self.entered.set()
+            assert self.gate.wait(timeout=60), "gate never opened"
+        super()._put_file(source, dest)
+
+
+def test_drain_sets_an_older_upload_aside_for_the_emergency_checkpoint(
+    tmp_path: Path, layout: Layout
+) -> None:
+    """SIGTERM path: checkpoint-2 mid-upload yields to emergency checkpoint-4, then resumes."""
+    remote = GatedRemote((tmp_path / "mirror").as_uri(), gated="checkpoint-2")
+    for step in (2, 4):
+        make_checkpoint(layout.output_dir, step)
+    events: Events = queue.SimpleQueue()
+    results: list[Any] = []
+    with MirrorWorker(remote, layout, events.put, concurrency=1) as worker:
+        worker.submit_checkpoint(2)
+        assert remote.entered.wait(timeout=30)
+        worker.submit_checkpoint(4)  # the emergency checkpoint
+        worker.submit_prune()
+        drainer = threading.Thread(
+            target=lambda: results.append(worker.drain(deadline=time.monotonic() + 60))
+        )
+        drainer.start()
+        # drain drops the prune after setting checkpoint-2 aside: then open the gate.
+        events_until(events, finished(Job(JobKind.PRUNE), Outcome.DROPPED))
+        remote.gate.set()
+        drainer.join(timeout=60)
+    done = [e.job for e in events_until(events, finished(ckpt(2))) if e.outcome is Outcome.DONE]
+    assert done == [ckpt(4), ckpt(2)]
+    assert results[0].complete
+    assert remote.inventory().valid_steps() == [2, 4]
 
 
 def test_drain_against_unreachable_storage_ends_at_the_deadline(

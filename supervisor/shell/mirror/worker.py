@@ -24,7 +24,8 @@ are uploaded newest first, and a pending checkpoint with ``keep_last`` newer
 ones pending is dropped: remote retention would delete it right after upload.
 
 Lifecycle: ``start()``; ``submit_*`` from the loop; on SIGTERM
-``drain(deadline)`` (prunes are dropped, backoff is cut short so the emergency
+``drain(deadline)`` (prunes are dropped, backoff is cut short, and an older
+checkpoint in flight is set aside after its current files, so the emergency
 checkpoint gets every chance within the grace); ``close(timeout)`` always, which
 joins every thread (a transfer in flight finishes first; later ones never start).
 """
@@ -183,12 +184,26 @@ class _Closed(Exception):
     """The worker is closing: transfers not yet started are not started."""
 
 
+class _Abandoned(Exception):
+    """The job was set aside for a more urgent one: its remaining transfers are skipped."""
+
+
+class _Batch:
+    """The transfers of one ``TransferPool.run`` call, abandoned together."""
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
+
 class TransferPool:
     """``size`` threads running the file transfers of the job in progress."""
 
     def __init__(self, size: int, name: str) -> None:
-        self._tasks: SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = SimpleQueue()
+        self._tasks: SimpleQueue[tuple[Callable[[], Any], Future[Any], _Batch] | None] = (
+            SimpleQueue()
+        )
         self._closing = threading.Event()
+        self._batch = _Batch()
         self._threads = [
             threading.Thread(target=self._serve, name=f"{name}-{index}", daemon=True)
             for index in range(size)
@@ -204,10 +219,11 @@ class TransferPool:
         Waiting for all even after one failed keeps a straggler from writing
         after the caller moved on (and maybe retried the same job).
         """
+        batch = self._batch = _Batch()
         futures: list[Future[T]] = []
         for task in tasks:
             future: Future[T] = Future()
-            self._tasks.put((task, future))
+            self._tasks.put((task, future, batch))
             futures.append(future)
         results: list[T] = []
         failure: BaseException | None = None
@@ -222,14 +238,21 @@ class TransferPool:
 
     def _serve(self) -> None:
         while (item := self._tasks.get()) is not None:
-            task, future = item
+            task, future, batch = item
             if self._closing.is_set():
                 future.set_exception(_Closed())
+                continue
+            if batch.abandoned:
+                future.set_exception(_Abandoned())
                 continue
             try:
                 future.set_result(task())
             except BaseException as exc:  # handed to the waiting job
                 future.set_exception(exc)
+
+    def abandon(self) -> None:
+        """Skip the current batch's transfers not yet started; those running finish."""
+        self._batch.abandoned = True
 
     def cancel(self) -> None:
         """Fail every transfer not yet started with ``_Closed``; those running finish."""
@@ -388,9 +411,12 @@ class MirrorWorker:
     def drain(self, deadline: float) -> DrainResult:
         """Wait until every upload is done or ``deadline`` (on ``clock``) passes.
 
-        For the preemption path: queued prunes are dropped and a backoff in
-        progress is cut short, so the emergency checkpoint and the state get
-        every chance within the grace. New submits are still accepted.
+        For the preemption path: queued prunes are dropped, a backoff in progress
+        is cut short, and an older checkpoint being uploaded is set aside (its
+        files in flight finish, the rest wait) while a newer one is queued, so
+        the emergency checkpoint and the state get every chance within the
+        grace. Call it after submitting the emergency checkpoint. New submits
+        are still accepted.
         """
         started = self._clock()
         dropped: list[Job] = []
@@ -401,6 +427,10 @@ class MirrorWorker:
                 dropped.append(job)
             if self._retry_at is not None:
                 self._retry_at = min(self._retry_at, started)
+            if self._older_checkpoint_in_flight():
+                # The emergency checkpoint must not wait behind an older one: the
+                # older one's remaining files are skipped and it is queued again.
+                self._pool.abandon()
             self._cond.notify_all()
         for job in dropped:
             self._emit(MirrorEvent(job, Outcome.DROPPED, error="skipped while draining"))
@@ -416,6 +446,16 @@ class MirrorWorker:
         return DrainResult(not left, self._clock() - started, newest, left)
 
     # --- the dispatcher ------------------------------------------------------------------
+
+    def _older_checkpoint_in_flight(self) -> bool:
+        """Say whether a checkpoint upload runs while a newer one waits (lock held)."""
+        job = self._in_flight
+        if job is None or job.kind is not JobKind.CHECKPOINT or job.step is None:
+            return False
+        return any(
+            other.kind is JobKind.CHECKPOINT and (other.step or 0) > job.step
+            for other in self._pending
+        )
 
     def _add(self, job: Job) -> None:
         """Queue ``job`` (caller holds the lock); an equal pending job absorbs it."""
@@ -476,6 +516,12 @@ class MirrorWorker:
             result = self._perform(job)
         except _Closed:
             self._finish(job, None)
+            return
+        except _Abandoned:
+            # Set aside for a newer checkpoint; queued again, no failure counted.
+            pending.attempts -= 1
+            self._finish(job, None, requeue=pending)
+            log.info("mirror_job_set_aside", job=str(job))
             return
         except LocalMismatch as exc:
             error = self.remote.describe(exc)
@@ -548,11 +594,17 @@ class MirrorWorker:
         *,
         error: str | None = None,
         succeeded: bool = False,
+        requeue: _Pending | None = None,
     ) -> float | None:
-        """Record how a try ended (takes the lock); requeue ``retry``; return its delay."""
+        """Record how a try ended (takes the lock); requeue ``retry``; return its delay.
+
+        ``requeue`` puts a job back without counting a failure (it was set aside).
+        """
         with self._cond:
             self._in_flight = None
             delay: float | None = None
+            if requeue is not None and not self._stopping:
+                self._pending.setdefault(job, requeue)
             if succeeded:
                 self._failures = 0
                 self._retry_at = None
