@@ -209,12 +209,23 @@ def _style_axes(ax: Axes) -> None:
 
 
 def _draw_loss(ax: Axes, run: RunData) -> list[Any]:
-    """Panel 1; returns legend handles."""
-    from matplotlib.lines import Line2D  # noqa: PLC0415 - matplotlib is optional
-    from matplotlib.patches import Patch  # noqa: PLC0415
-    from matplotlib.transforms import blended_transform_factory  # noqa: PLC0415
-
+    """Panel 1: loss per attempt, learning rate, failures and commits; returns legend handles."""
+    handles = _draw_loss_lines(ax, run)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    handles += _draw_learning_rate(ax, run)
+    handles += _draw_failures_by_step(ax, run)
+    handles += _draw_commits_by_step(ax, run)
     acc = run.accounting
+    if run.max_steps:
+        ax.set_xlim(left=0, right=max(run.max_steps, acc.last_step or 0) * 1.01)
+    else:
+        ax.set_xlim(left=0)
+    return handles
+
+
+def _draw_loss_lines(ax: Axes, run: RunData) -> list[Any]:
+    """One line per attempt, so steps done again after a failure show twice."""
     handles: list[Any] = []
     attempts = sorted({p.attempt for p in run.points}, key=lambda a: -1 if a is None else a)
     for attempt in attempts:
@@ -223,11 +234,10 @@ def _draw_loss(ax: Axes, run: RunData) -> list[Any]:
         ys = [p.loss for p in pts if p.loss is not None]
         if not xs:
             continue
-        colour = _attempt_colour(attempt)
         (line,) = ax.plot(
             xs,
             ys,
-            color=colour,
+            color=_attempt_colour(attempt),
             zorder=3,
             linewidth=1.8,
             marker="o" if len(xs) <= 60 else None,
@@ -235,8 +245,6 @@ def _draw_loss(ax: Axes, run: RunData) -> list[Any]:
             label=f"attempt {attempt}" if attempt is not None else "loss (trainer_state)",
         )
         handles.append(line)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
     if not any(p.loss is not None for p in run.points):
         ax.text(
             0.5,
@@ -247,34 +255,45 @@ def _draw_loss(ax: Axes, run: RunData) -> list[Any]:
             va="center",
             color=TEXT,
         )
+    return handles
 
+
+def _draw_learning_rate(ax: Axes, run: RunData) -> list[Any]:
+    """The learning rate on a dashed twin axis (the latest attempt's value per step)."""
     by_step: dict[int, float] = {}
     for p in sorted(run.points, key=lambda p: (p.attempt or 0, p.wall_time or 0.0)):
         if p.learning_rate is not None:
             by_step[p.step] = p.learning_rate  # the latest attempt's value wins
-    if by_step:
-        lr_ax = ax.twinx()
-        _style_axes(lr_ax)
-        lr_ax.grid(False)
-        steps = sorted(by_step)
-        (lr_line,) = lr_ax.plot(
-            steps,
-            [by_step[s] for s in steps],
-            color=TEXT,
-            linestyle="--",
-            linewidth=1.1,
-            alpha=0.8,
-            label="learning rate",
-        )
-        lr_ax.set_ylabel("learning rate")
-        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        lr_ax.yaxis.get_offset_text().set_color(TEXT)
-        handles.append(lr_line)
+    if not by_step:
+        return []
+    lr_ax = ax.twinx()
+    _style_axes(lr_ax)
+    lr_ax.grid(False)
+    steps = sorted(by_step)
+    (lr_line,) = lr_ax.plot(
+        steps,
+        [by_step[s] for s in steps],
+        color=TEXT,
+        linestyle="--",
+        linewidth=1.1,
+        alpha=0.8,
+        label="learning rate",
+    )
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    lr_ax.yaxis.get_offset_text().set_color(TEXT)
+    return [lr_line]
 
+
+def _draw_failures_by_step(ax: Axes, run: RunData) -> list[Any]:
+    """A line per failure at its step, coloured by kind, with the steps it cost hatched."""
+    from matplotlib.patches import Patch  # noqa: PLC0415 - matplotlib is optional
+    from matplotlib.transforms import blended_transform_factory  # noqa: PLC0415
+
+    handles: list[Any] = []
     kinds_seen: set[str] = set()
-    top = blended_transform_factory(ax.transData, ax.transAxes)
     labels: dict[int, list[str]] = {}
-    for failure in acc.failures:
+    for failure in run.accounting.failures:
         if failure.step is None:
             continue
         colour = KIND_COLOURS.get(failure.kind, KIND_COLOURS["crash"])
@@ -298,52 +317,30 @@ def _draw_loss(ax: Axes, run: RunData) -> list[Any]:
         if failure.kind not in kinds_seen:
             kinds_seen.add(failure.kind)
             handles.append(Patch(color=colour, alpha=0.7, label=f"failure: {failure.kind}"))
+    top = blended_transform_factory(ax.transData, ax.transAxes)
     for step, texts in labels.items():
         # Vertical, along the failure's line: labels of nearby failures never collide.
-        ax.text(
-            step,
-            0.975,
-            " / ".join(texts),
-            transform=top,
-            rotation=90,
-            ha="right",
-            va="top",
-            fontsize=8,
-            color=TEXT,
-            zorder=6,
-        )
-    if any((f.steps_lost or 0) > 0 for f in acc.failures):
+        ax.text(step, 0.975, " / ".join(texts), transform=top, rotation=90, ha="right",
+                va="top", fontsize=8, color=TEXT, zorder=6)  # fmt: skip
+    if any((f.steps_lost or 0) > 0 for f in run.accounting.failures):
         handles.append(
             Patch(facecolor="none", edgecolor=TEXT, hatch="///", label="steps done again")
         )
-
-    commit_steps = sorted({c.step for c in acc.commits})
-    if commit_steps:
-        ax.scatter(
-            commit_steps,
-            [0.015] * len(commit_steps),
-            transform=top,
-            marker="^",
-            s=36,
-            color=TEXT,
-            zorder=5,
-            clip_on=False,
-        )
-        handles.append(
-            Line2D(
-                [],
-                [],
-                marker="^",
-                linestyle="none",
-                color=TEXT,
-                label="checkpoint committed",
-            )
-        )
-    if run.max_steps:
-        ax.set_xlim(left=0, right=max(run.max_steps, acc.last_step or 0) * 1.01)
-    else:
-        ax.set_xlim(left=0)
     return handles
+
+
+def _draw_commits_by_step(ax: Axes, run: RunData) -> list[Any]:
+    """A tick along the bottom for every committed checkpoint."""
+    from matplotlib.lines import Line2D  # noqa: PLC0415 - matplotlib is optional
+    from matplotlib.transforms import blended_transform_factory  # noqa: PLC0415
+
+    commit_steps = sorted({c.step for c in run.accounting.commits})
+    if not commit_steps:
+        return []
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    ax.scatter(commit_steps, [0.015] * len(commit_steps), transform=top, marker="^", s=36,
+               color=TEXT, zorder=5, clip_on=False)  # fmt: skip
+    return [Line2D([], [], marker="^", linestyle="none", color=TEXT, label="checkpoint committed")]
 
 
 def _time_unit(seconds: float) -> tuple[float, str]:
@@ -355,22 +352,33 @@ def _time_unit(seconds: float) -> tuple[float, str]:
 
 
 def _draw_timeline(ax: Axes, run: RunData) -> list[Any]:
-    """Panel 2; returns legend handles."""
-    from matplotlib.lines import Line2D  # noqa: PLC0415 - matplotlib is optional
-    from matplotlib.patches import Patch  # noqa: PLC0415
-
+    """Panel 2: one lane per attempt over wall-clock time; returns legend handles."""
     acc = run.accounting
     start = acc.started
-    handles: list[Any] = []
     if start is None or not acc.spans:
         ax.text(
             0.5, 0.5, "no journal", transform=ax.transAxes, ha="center", va="center", color=TEXT
         )
         ax.set_yticks([])
-        return handles
+        return []
     scale, unit = _time_unit(acc.wall_seconds)
     attempts = sorted({s.attempt for s in acc.spans}) or [1]
     row = {attempt: i for i, attempt in enumerate(attempts)}
+    handles = _draw_spans(ax, acc, start, scale, row)
+    handles += _draw_failures_in_time(ax, acc, start, scale, row)
+    ax.set_yticks(range(len(attempts)), [f"attempt {a}" for a in attempts])
+    ax.set_ylim(len(attempts) - 0.4, -0.6)
+    ax.set_xlim(0, max(acc.wall_seconds / scale, 1e-6))
+    ax.set_xlabel(f"wall-clock time since the first launch ({unit})")
+    return handles
+
+
+def _draw_spans(
+    ax: Axes, acc: Accounting, start: float, scale: float, row: dict[int, int]
+) -> list[Any]:
+    """Training, restarting, waiting and supervisor-down spans, each in its lane."""
+    from matplotlib.patches import Patch  # noqa: PLC0415 - matplotlib is optional
+
     for span in acc.spans:
         bar = ((span.start - start) / scale, max(span.seconds / scale, 1e-9))
         lane = (row[span.attempt] - 0.35, 0.7)
@@ -391,34 +399,27 @@ def _draw_timeline(ax: Axes, run: RunData) -> list[Any]:
             facecolor="none", edgecolor=GREY, linestyle=":", label="no supervisor"
         ),
     }
-    handles += [patch for activity, patch in legend.items() if activity in seen]
+    return [patch for activity, patch in legend.items() if activity in seen]
 
+
+def _draw_failures_in_time(
+    ax: Axes, acc: Accounting, start: float, scale: float, row: dict[int, int]
+) -> list[Any]:
+    """Each failure as a cross in its attempt's lane; the time it cost hatched; commits."""
+    from matplotlib.lines import Line2D  # noqa: PLC0415 - matplotlib is optional
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    handles: list[Any] = []
     lost_drawn = False
     for failure in acc.failures:
+        colour = KIND_COLOURS.get(failure.kind, KIND_COLOURS["crash"])
         end = failure.regained_at if failure.regained_at is not None else acc.ended
         if end is not None and end > failure.began:
-            ax.axvspan(
-                (failure.began - start) / scale,
-                (end - start) / scale,
-                facecolor="none",
-                edgecolor=KIND_COLOURS.get(failure.kind, KIND_COLOURS["crash"]),
-                hatch="///",
-                alpha=0.3,
-                linewidth=0,
-                zorder=0,
-            )
+            ax.axvspan((failure.began - start) / scale, (end - start) / scale, facecolor="none",
+                       edgecolor=colour, hatch="///", alpha=0.3, linewidth=0, zorder=0)  # fmt: skip
             lost_drawn = True
-        y = row.get(failure.attempt, 0)
-        ax.scatter(
-            [(failure.ts - start) / scale],
-            [y],
-            marker="X",
-            s=90,
-            color=KIND_COLOURS.get(failure.kind, KIND_COLOURS["crash"]),
-            edgecolors="white",
-            linewidths=0.6,
-            zorder=6,
-        )
+        ax.scatter([(failure.ts - start) / scale], [row.get(failure.attempt, 0)], marker="X",
+                   s=90, color=colour, edgecolors="white", linewidths=0.6, zorder=6)  # fmt: skip
     if lost_drawn:
         handles.append(
             Patch(facecolor="none", edgecolor=TEXT, hatch="///", label="lost to failures")
@@ -436,10 +437,6 @@ def _draw_timeline(ax: Axes, run: RunData) -> list[Any]:
         handles.append(
             Line2D([], [], marker="X", linestyle="none", color=TEXT, label="failure", markersize=8)
         )
-    ax.set_yticks(range(len(attempts)), [f"attempt {a}" for a in attempts])
-    ax.set_ylim(len(attempts) - 0.4, -0.6)
-    ax.set_xlim(0, max(acc.wall_seconds / scale, 1e-6))
-    ax.set_xlabel(f"wall-clock time since the first launch ({unit})")
     return handles
 
 

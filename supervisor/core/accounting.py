@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from trainer_child.protocol import JournalEntry
 
@@ -249,67 +250,83 @@ class Ledger:
         if self._first_ts is None:
             self._first_ts = ts
         self._last_ts = max(ts, self._last_ts or ts)
-
         if event in ("launch", "orphan_found", "resumed_after_give_up", "already_complete"):
             self._note_supervisor(ts, attempt, event)
         self._last_seen[attempt] = ts
+        if event in _TERMINAL:
+            self._on_terminal(entry, fields)
+            return
+        handler = _ENTRY_HANDLERS.get(event)
+        if handler is not None:
+            handler(self, entry, fields)
 
-        if event == "launch":
-            self._switch(Activity.TRAINING, ts, attempt)
-            self._attempts.add(attempt)
-            self._result = RunResult.RUNNING
-            resume = _int(fields.get("resume_step")) or 0
-            for failure in self._failures:
-                if (
-                    failure.attempt < attempt
-                    and failure.regained_at is None
-                    and failure.resume_attempt in (None, attempt)
-                ):
-                    failure.resume_step = resume
-                    failure.resume_attempt = attempt
-        elif event == "checkpoint_committed":
-            step = _int(fields.get("step"))
-            if step is not None:
-                self._commits.append(Commit(ts, step, attempt))
-                self._progress(ts, step, attempt)
-        elif event == "hang_detected":
-            age = _float(fields.get("heartbeat_age")) or 0.0
-            self._hang_began[attempt] = ts - age
-        elif event == "failure":
-            kind = str(entry.kind or "crash")
-            began = self._hang_began.pop(attempt, ts) if kind == "hang" else ts
-            step = _int(fields.get("step"))
-            if step is not None:
-                # The dying attempt's last heartbeat step is a progress sample too:
-                # it may be what regains an earlier failure's step.
-                self._progress(ts, step, attempt)
-            self._failures.append(
-                _Failure(
-                    attempt=attempt,
-                    kind=kind,
-                    ts=ts,
-                    began=min(began, ts),
-                    step=step,
-                    evidence=str(fields.get("evidence") or ""),
-                )
+    def _on_launch(self, entry: JournalEntry, fields: dict[str, Any]) -> None:
+        ts, attempt = entry.ts, entry.attempt
+        self._switch(Activity.TRAINING, ts, attempt)
+        self._attempts.add(attempt)
+        self._result = RunResult.RUNNING
+        resume = _int(fields.get("resume_step")) or 0
+        for failure in self._failures:
+            if (
+                failure.attempt < attempt
+                and failure.regained_at is None
+                and failure.resume_attempt in (None, attempt)
+            ):
+                failure.resume_step = resume
+                failure.resume_attempt = attempt
+
+    def _on_commit(self, entry: JournalEntry, fields: dict[str, Any]) -> None:
+        step = _int(fields.get("step"))
+        if step is not None:
+            self._commits.append(Commit(entry.ts, step, entry.attempt))
+            self._progress(entry.ts, step, entry.attempt)
+
+    def _on_hang(self, entry: JournalEntry, fields: dict[str, Any]) -> None:
+        age = _float(fields.get("heartbeat_age")) or 0.0
+        self._hang_began[entry.attempt] = entry.ts - age
+
+    def _on_failure(self, entry: JournalEntry, fields: dict[str, Any]) -> None:
+        ts, attempt = entry.ts, entry.attempt
+        kind = str(entry.kind or "crash")
+        began = self._hang_began.pop(attempt, ts) if kind == "hang" else ts
+        step = _int(fields.get("step"))
+        if step is not None:
+            # The dying attempt's last heartbeat step is a progress sample too:
+            # it may be what regains an earlier failure's step.
+            self._progress(ts, step, attempt)
+        self._failures.append(
+            _Failure(
+                attempt=attempt,
+                kind=kind,
+                ts=ts,
+                began=min(began, ts),
+                step=step,
+                evidence=str(fields.get("evidence") or ""),
             )
-            self._switch(Activity.RESTARTING, ts, attempt)
-        elif event == "child_preempted":
+        )
+        self._switch(Activity.RESTARTING, ts, attempt)
+
+    def _on_child_preempted(self, entry: JournalEntry, fields: dict[str, Any]) -> None:
+        self._preemptions += 1
+        self._switch(Activity.RESTARTING, entry.ts, entry.attempt)
+
+    def _on_waiting(self, entry: JournalEntry, fields: dict[str, Any]) -> None:
+        self._switch(Activity.WAITING, entry.ts, entry.attempt)
+
+    def _on_already_complete(self, entry: JournalEntry, fields: dict[str, Any]) -> None:
+        if self._result is not RunResult.COMPLETED:
+            self._finish(entry.ts, RunResult.COMPLETED)
+
+    def _on_terminal(self, entry: JournalEntry, fields: dict[str, Any]) -> None:
+        event, ts = entry.event, entry.ts
+        step = _int(fields.get("step"))
+        if event == "completed" and step is not None:
+            self._progress(ts, step, entry.attempt)
+        if event == "preempted":
             self._preemptions += 1
-            self._switch(Activity.RESTARTING, ts, attempt)
-        elif event in ("waiting_for_disk", "orphan_found"):
-            self._switch(Activity.WAITING, ts, attempt)
-        elif event in _TERMINAL:
-            step = _int(fields.get("step"))
-            if event == "completed" and step is not None:
-                self._progress(ts, step, attempt)
-            if event == "preempted":
-                self._preemptions += 1
-            self._finish(ts, _TERMINAL[event])
-            if event == "gave_up":
-                self._reason = str(fields.get("reason") or "") or None
-        elif event == "already_complete" and self._result is not RunResult.COMPLETED:
-            self._finish(ts, RunResult.COMPLETED)
+        self._finish(ts, _TERMINAL[event])
+        if event == "gave_up":
+            self._reason = str(fields.get("reason") or "") or None
 
     def add_progress(self, wall_time: float, step: int, attempt: int) -> None:
         """Note that ``attempt`` was at ``step`` at ``wall_time`` (heartbeat, loss log)."""
@@ -441,6 +458,19 @@ class Ledger:
             last_step=self._last_step,
             goodput=goodput,
         )
+
+
+#: Journal events that change the ledger, and how (terminal events: ``_on_terminal``).
+_ENTRY_HANDLERS: dict[str, Callable[[Ledger, JournalEntry, dict[str, Any]], None]] = {
+    "launch": Ledger._on_launch,
+    "checkpoint_committed": Ledger._on_commit,
+    "hang_detected": Ledger._on_hang,
+    "failure": Ledger._on_failure,
+    "child_preempted": Ledger._on_child_preempted,
+    "waiting_for_disk": Ledger._on_waiting,
+    "orphan_found": Ledger._on_waiting,
+    "already_complete": Ledger._on_already_complete,
+}
 
 
 def account(

@@ -170,6 +170,11 @@ class _SnapshotCollector(Collector):
 
     def _families(self) -> Iterator[Metric]:
         snap = self.snapshot  # one read: a concurrent update swaps the whole object
+        yield from self._progress_families(snap)
+        yield from self._cost_families(snap)
+
+    def _progress_families(self, snap: MetricsSnapshot) -> Iterator[Metric]:
+        """Where the run is: state, attempt, step, speed, newest checkpoint, disk, mirror."""
         state = GaugeMetricFamily(
             "trainwarden_state",
             "1 for the supervisor's current state, 0 for the others.",
@@ -196,6 +201,19 @@ class _SnapshotCollector(Collector):
             "Seconds since the newest valid checkpoint was committed.",
             snap.newest_checkpoint_age_seconds,
         )
+        yield self._gauge(
+            "trainwarden_disk_free_bytes",
+            "Free bytes on the filesystem of output_dir.",
+            snap.disk_free_bytes,
+        )
+        yield self._gauge(
+            "trainwarden_mirror_lag_checkpoints",
+            "Valid checkpoints not yet on the remote mirror.",
+            snap.mirror_lag_checkpoints,
+        )
+
+    def _cost_families(self, snap: MetricsSnapshot) -> Iterator[Metric]:
+        """What the night cost: restarts, failures by kind, time and steps lost, goodput."""
         yield self._counter(
             "trainwarden_restarts", "Attempts launched after the first.", {"": snap.restarts}
         )
@@ -229,16 +247,6 @@ class _SnapshotCollector(Collector):
             "trainwarden_goodput_ratio",
             "Share of supervised wall time not lost to failures or waits.",
             snap.goodput_ratio,
-        )
-        yield self._gauge(
-            "trainwarden_disk_free_bytes",
-            "Free bytes on the filesystem of output_dir.",
-            snap.disk_free_bytes,
-        )
-        yield self._gauge(
-            "trainwarden_mirror_lag_checkpoints",
-            "Valid checkpoints not yet on the remote mirror.",
-            snap.mirror_lag_checkpoints,
         )
 
 
