@@ -68,6 +68,7 @@ from trainer_child.protocol import (
     COMMIT_RECORD,
     TRAINER_STATE,
     CommitRecord,
+    FileEntry,
     Layout,
     RunStateFile,
     atomic_write_bytes,
@@ -687,25 +688,7 @@ class RemoteStore:
     ) -> Path:
         if os.path.lexists(target):
             raise MirrorError(f"{target} exists: move it aside before downloading {name}")
-        raw = self._cat(self._path(name, COMMIT_RECORD))
-        if raw is None:
-            raise MirrorError(f"mirror {self.url}: {name} has no commit record remote")
-        record, problems = _parse_record(raw, step, final=step is None)
-        if record is None or problems:
-            raise RemoteCorrupt(
-                f"mirror {self.url}: {name}/{COMMIT_RECORD} is unusable: {'; '.join(problems)}",
-                step=step,
-                files=(COMMIT_RECORD,),
-            )
-        entries = [(_safe_relpath(e.path), e) for e in record.files]
-        unsafe = [entry.path for relpath, entry in entries if relpath is None]
-        if unsafe:
-            raise RemoteCorrupt(
-                f"mirror {self.url}: {name}/{COMMIT_RECORD} lists unsafe paths {unsafe[:3]}",
-                step=step,
-                files=(COMMIT_RECORD,),
-            )
-
+        raw, record, entries = self._remote_record(name, step)
         started = time.monotonic()
         layout.ensure()
         incoming = layout.warden / INCOMING
@@ -755,6 +738,30 @@ class RemoteStore:
             seconds=round(seconds, 3),
         )
         return target
+
+    def _remote_record(
+        self, name: str, step: int | None
+    ) -> tuple[bytes, CommitRecord, list[tuple[str | None, FileEntry]]]:
+        """Read and check the remote record of ``name``; its files with their safe paths."""
+        raw = self._cat(self._path(name, COMMIT_RECORD))
+        if raw is None:
+            raise MirrorError(f"mirror {self.url}: {name} has no commit record remote")
+        record, problems = _parse_record(raw, step, final=step is None)
+        if record is None or problems:
+            raise RemoteCorrupt(
+                f"mirror {self.url}: {name}/{COMMIT_RECORD} is unusable: {'; '.join(problems)}",
+                step=step,
+                files=(COMMIT_RECORD,),
+            )
+        entries = [(_safe_relpath(e.path), e) for e in record.files]
+        unsafe = [entry.path for relpath, entry in entries if relpath is None]
+        if unsafe:
+            raise RemoteCorrupt(
+                f"mirror {self.url}: {name}/{COMMIT_RECORD} lists unsafe paths {unsafe[:3]}",
+                step=step,
+                files=(COMMIT_RECORD,),
+            )
+        return raw, record, entries
 
     # --- removal --------------------------------------------------------------------------
 

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import structlog
 
 from supervisor.core.checkpoints import is_valid, newest_valid
+from supervisor.core.model import Inventory
 from supervisor.shell.mirror.errors import RemoteCorrupt
-from supervisor.shell.mirror.remote import RemoteStore, Transfers, clear_incoming
+from supervisor.shell.mirror.remote import RemoteInventory, RemoteStore, Transfers, clear_incoming
 from supervisor.shell.mirror.worker import TransferPool
 from supervisor.shell.store import CheckpointStore, RefusedError
 from trainer_child.protocol import Layout, RunStateFile, fsync_dir, read_model
@@ -111,22 +112,16 @@ def restore(
 
     local = store.inventory()
     local_newest = newest_valid(local, exclude=excluded)
-    rejected: list[tuple[int, str]] = []
-    downloaded: int | None = None
-    final_restored = False
-
     with _pool(concurrency) as transfers:
-        if remote_inventory.final_complete and not local.final_complete:
-            final_restored = _restore_final(layout, remote, transfers)
-        if not (final_restored or local.final_complete):
-            for step in reversed(remote_inventory.valid_steps(exclude=excluded)):
-                if local_newest is not None and step <= local_newest:
-                    break
-                why = _restore_checkpoint(step, layout, remote, store, transfers)
-                if why is None:
-                    downloaded = step
-                    break
-                rejected.append((step, why))
+        final_restored, downloaded, rejected = _download_what_is_newer(
+            layout,
+            remote,
+            store,
+            transfers,
+            remote_inventory=remote_inventory,
+            local=local,
+            excluded=excluded,
+        )
 
     bad = {step for step, _ in rejected}
     report = RestoreReport(
@@ -141,18 +136,51 @@ def restore(
         remote_final_complete=remote_inventory.final_complete,
         seconds=time.monotonic() - started,
     )
-    log.info(
-        "mirror_restore",
-        url=remote.url,
-        local_newest=local_newest,
-        remote_newest=report.remote_newest,
-        downloaded=downloaded,
-        rejected=[step for step, _ in rejected],
-        state_restored=state_restored,
-        final_restored=final_restored,
-        seconds=round(report.seconds, 3),
-    )
+    log.info("mirror_restore", url=remote.url, **_log_fields(report))
     return report
+
+
+def _log_fields(report: RestoreReport) -> dict[str, object]:
+    return {
+        "local_newest": report.local_newest,
+        "remote_newest": report.remote_newest,
+        "downloaded": report.downloaded,
+        "rejected": [step for step, _ in report.rejected],
+        "state_restored": report.state_restored,
+        "final_restored": report.final_restored,
+        "seconds": round(report.seconds, 3),
+    }
+
+
+def _download_what_is_newer(
+    layout: Layout,
+    remote: RemoteStore,
+    store: CheckpointStore,
+    transfers: Transfers,
+    *,
+    remote_inventory: RemoteInventory,
+    local: Inventory,
+    excluded: frozenset[int],
+) -> tuple[bool, int | None, list[tuple[int, str]]]:
+    """Bring final/, else the newest valid remote checkpoint newer than the local one.
+
+    Returns (final restored, step downloaded, remote steps rejected with why).
+    """
+    rejected: list[tuple[int, str]] = []
+    final_restored = False
+    if remote_inventory.final_complete and not local.final_complete:
+        final_restored = _restore_final(layout, remote, transfers)
+    if final_restored or local.final_complete:
+        return final_restored, None, rejected
+    local_newest = newest_valid(local, exclude=excluded)
+    for step in reversed(remote_inventory.valid_steps(exclude=excluded)):
+        if local_newest is not None and step <= local_newest:
+            break
+        why = _restore_checkpoint(step, layout, remote, store, transfers)
+        if why is None:
+            return final_restored, step, rejected
+        rejected.append((step, why))
+    return final_restored, None, rejected
 
 
 def _restore_checkpoint(

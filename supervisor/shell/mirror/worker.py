@@ -408,6 +408,19 @@ class MirrorWorker:
                 steps.add(self._in_flight.step)
             return frozenset(step for step in steps if step is not None)
 
+    def uploading(self) -> frozenset[int]:
+        """The checkpoint step whose upload is in flight right now (empty or one step).
+
+        Local retention spares it, so an upload slower than the save interval
+        still finishes; checkpoints merely queued are not spared (an outage
+        must not stop local pruning).
+        """
+        with self._cond:
+            job = self._in_flight
+            if job is None or job.kind is not JobKind.CHECKPOINT or job.step is None:
+                return frozenset()
+            return frozenset({job.step})
+
     def drain(self, deadline: float) -> DrainResult:
         """Wait until every upload is done or ``deadline`` (on ``clock``) passes.
 
@@ -524,39 +537,10 @@ class MirrorWorker:
             log.info("mirror_job_set_aside", job=str(job))
             return
         except LocalMismatch as exc:
-            error = self.remote.describe(exc)
-            self._finish(job, None, error=error)
-            log.warning("mirror_job_failed", job=str(job), error=error)
-            self._emit(
-                MirrorEvent(
-                    job,
-                    Outcome.FAILED,
-                    seconds=self._clock() - started,
-                    error=error,
-                    attempt=pending.attempts,
-                )
-            )
+            self._failed(job, pending, started, self.remote.describe(exc))
             return
         except Exception as exc:
-            error = self.remote.describe(exc)
-            retry_in = self._finish(job, pending, error=error)
-            log.warning(
-                "mirror_job_retrying",
-                job=str(job),
-                error=error,
-                attempt=pending.attempts,
-                retry_in=round(retry_in or 0.0, 3),
-            )
-            self._emit(
-                MirrorEvent(
-                    job,
-                    Outcome.RETRYING,
-                    seconds=self._clock() - started,
-                    error=error,
-                    retry_in=retry_in,
-                    attempt=pending.attempts,
-                )
-            )
+            self._retrying(job, pending, started, self.remote.describe(exc))
             return
         now = self._clock()
         self._finish(job, None, succeeded=True)
@@ -571,6 +555,41 @@ class MirrorWorker:
                 attempt=pending.attempts,
                 already_remote=upload.already_remote if upload else False,
                 pruned=result if isinstance(result, PruneResult) else None,
+            )
+        )
+
+    def _failed(self, job: Job, pending: _Pending, started: float, error: str) -> None:
+        """The job cannot succeed (the local folder is gone or disagrees): report, never retry."""
+        self._finish(job, None, error=error)
+        log.warning("mirror_job_failed", job=str(job), error=error)
+        self._emit(
+            MirrorEvent(
+                job,
+                Outcome.FAILED,
+                seconds=self._clock() - started,
+                error=error,
+                attempt=pending.attempts,
+            )
+        )
+
+    def _retrying(self, job: Job, pending: _Pending, started: float, error: str) -> None:
+        """Storage failed: queue the job again after the worker's backoff, and say so."""
+        retry_in = self._finish(job, pending, error=error)
+        log.warning(
+            "mirror_job_retrying",
+            job=str(job),
+            error=error,
+            attempt=pending.attempts,
+            retry_in=round(retry_in or 0.0, 3),
+        )
+        self._emit(
+            MirrorEvent(
+                job,
+                Outcome.RETRYING,
+                seconds=self._clock() - started,
+                error=error,
+                retry_in=retry_in,
+                attempt=pending.attempts,
             )
         )
 
