@@ -107,6 +107,9 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
         "disk_free_bytes": usage.f_bavail * usage.f_frsize,
         "disk_total_bytes": usage.f_blocks * usage.f_frsize,
         "save_interval_advice": _advice(output_dir, events, beat, rows),
+        # With a `mirror:`: "remote: checkpoint-400, 2 behind" and the count behind.
+        "mirror": state.mirror_status if state else None,
+        "mirror_lag": state.mirror_lag if state else None,
     }
     return report
 
@@ -250,6 +253,8 @@ def render_status(report: dict[str, Any], console: Console) -> None:
     table.add_row("step", _progress(report))
     newest = report["newest_valid_checkpoint"]
     table.add_row("newest valid", f"checkpoint-{newest}" if newest is not None else "none")
+    if report.get("mirror"):
+        table.add_row("mirror", report["mirror"])
     table.add_row("restarts", f"{report['restarts']}" + (f" ({kinds})" if kinds else ""))
     if report["restarts"]:
         table.add_row(

@@ -194,6 +194,25 @@ def test_status_json_of_a_finished_run(finished_run: Path, tmp_path: Path, targe
     assert report["supervisor_pid"] is None
 
 
+def test_status_shows_the_mirror_lag(tmp_path: Path) -> None:
+    """With a mirror, `status` has a mirror row and `--json` the lag as a number."""
+    layout = Layout(tmp_path / "out")
+    write_built_in_job(layout)
+    line = "remote: checkpoint-4, 2 behind, retrying in 8s (EndpointConnectionError: ...)"
+    atomic_write_model(
+        layout.state,
+        RunStateFile(
+            attempts=1, status="step 9/16", mode="running", mirror_status=line, mirror_lag=2
+        ),
+    )
+    report = json.loads(cli("status", str(layout.output_dir), "--json").stdout)
+    assert (report["mirror"], report["mirror_lag"]) == (line, 2)
+    shown = cli("status", str(layout.output_dir))
+    assert shown.exit_code == 0, shown.output
+    rows = [line.split(None, 1) for line in shown.stdout.splitlines() if line.strip()]
+    assert ["mirror", line] in [[cells[0], cells[1].strip()] for cells in rows if len(cells) == 2]
+
+
 def test_checkpoints_lists_every_verdict(tmp_path: Path) -> None:
     """`checkpoints` shows valid, partial, corrupt and quarantined folders, each by name."""
     output_dir = tmp_path / "out"
