@@ -8,8 +8,9 @@ bound of what the mirror costs the training.
 * **Throughput**: the same supervised job without (A) and with (B) a ``mirror:``,
   interleaved A B A B ...; steps/s is the child's steady state (``first_step`` ..
   ``train_end`` marks), on benchmark 3's job (a checkpoint every fifth of its
-  steps), so the uploads run while it trains. Target: with / without >= 0.98,
-  PASS only with every pair's ratio >= 0.98 too, judged from 3 pairs.
+  steps), so the uploads run while it trains. Target: with / without >= 0.98;
+  PASS only with every pair's ratio in 0.98..1.02 too (a pair beyond that is
+  noise, not the mirror), judged from 3 pairs.
 * **Commit -> remote-valid**: from the B runs' journals, for every checkpoint
   the worker uploaded, ``mirror_uploaded.ts`` minus ``checkpoint_committed.ts``
   (the supervisor noticing the commit record, milliseconds after the child wrote
@@ -51,23 +52,32 @@ from tests.support.processes import Process, wait_for
 from tests.support.seaweed import BUCKET, SeaweedS3, running_seaweed
 
 TARGET_RATIO = 0.98
+#: A pair above this did not measure the mirror (it cannot speed training up): noise.
+NOISE_CEILING = 1.02
 #: Fewer pairs than this give a figure but no verdict.
 MIN_PAIRS = 3
 VERDICT_ROW = "steps/s mirror on / off (median of each)"
-VERDICT_TARGET = ">= 0.98, and every A/B pair's ratio >= 0.98"
+VERDICT_TARGET = ">= 0.98, and every A/B pair's ratio in 0.98..1.02"
 CAP_SECONDS = 900.0
 
 
 def verdict(pair_ratios: Sequence[float], rate_ratio: float) -> tuple[bool | None, str]:
-    """PASS needs the median ratio >= 0.98 *and* every pair's ratio >= 0.98 (3 pairs at least)."""
+    """PASS needs the median ratio >= 0.98 *and* every pair's ratio in 0.98..1.02.
+
+    The target is one-sided, but a pair far above 1 says the machine's noise
+    between the two runs of a pair is larger than the 2% being judged (the
+    mirror cannot make training faster), so it proves nothing either way: as
+    for benchmark 3, that is a MISS with a note, not a PASS.
+    """
     if len(pair_ratios) < MIN_PAIRS:
         return None, f"judged from {MIN_PAIRS} pairs"
+    low, high = min(pair_ratios), max(pair_ratios)
     if rate_ratio < TARGET_RATIO:
         return False, f"median ratio {rate_ratio:.3f} is below {TARGET_RATIO}"
-    if min(pair_ratios) < TARGET_RATIO:
+    if low < TARGET_RATIO or high > NOISE_CEILING:
         return False, (
-            f"one A/B pair measured {min(pair_ratios):.3f}: this run's noise, or the cost, "
-            "is larger than the target allows"
+            f"the A/B pairs' ratios spread over {low:.3f}..{high:.3f}, beyond 0.98..1.02: "
+            "this run's noise is larger than the effect it judges"
         )
     return True, ""
 
