@@ -29,12 +29,14 @@ from supervisor.core.model import (
     Action,
     ChildExited,
     ChildSpawned,
+    Disk,
     Event,
     Exit,
     ExtendStop,
     FailureKind,
     FailureNote,
     FreeSpace,
+    HeartbeatView,
     Inventory,
     InventoryChanged,
     Launch,
@@ -65,6 +67,7 @@ from supervisor.shell.launcher import Launcher, ProcessLauncher
 from supervisor.shell.lock import Lock, RunLock
 from supervisor.shell.mirror.seam import Mirror, RemoteMirror
 from supervisor.shell.mirror.worker import MirrorEvent
+from supervisor.shell.observe import Observer, RunObserver, RunView
 from supervisor.shell.procs import Peers, ProcPeers
 from supervisor.shell.rundir import FileRunDir, RunDir
 from supervisor.shell.store import CheckpointStore, FileCheckpointStore
@@ -133,6 +136,7 @@ class Shell:
     heartbeat: HeartbeatSource
     evidence: EvidenceSource
     watcher: WatcherFactory
+    observer: Observer
     #: The remote copy (``mirror:``); None when the job has none.
     mirror: Mirror | None = None
     signals: SignalInstaller = signals.install
@@ -156,6 +160,7 @@ def default_shell(config: Config) -> Shell:
         heartbeat=HeartbeatMonitor(layout),
         evidence=FileEvidence(layout),
         watcher=CheckpointWatcher,
+        observer=RunObserver(config),
         mirror=_remote_mirror(config, layout),
     )
 
@@ -198,12 +203,19 @@ class Supervisor:
         shell.run_dir.prepare()
         previous = shell.journal.read_state()
         orphan = self._claim_output_dir(previous)
+        try:
+            # An orphan child trains on this very disk: nothing to bring back.
+            # Before the observer: a restored state.json carries the tracking run id.
+            if orphan is None and self._mirror.restore(shell.store):
+                previous = shell.journal.read_state()
+            shell.observer.start(previous)
+        except BaseException:
+            self._mirror.close(MIRROR_CLOSE_SECONDS)
+            shell.lock.release()
+            raise
         restore = shell.signals(self.queue.put, SignalReceived)
         watcher = shell.watcher(self.config.output_dir, lambda: self.queue.put(_FsNotice()))
         try:
-            # An orphan child trains on this very disk: nothing to bring back.
-            if orphan is None and self._mirror.restore(shell.store):
-                previous = shell.journal.read_state()
             self._mirror.start(self.queue.put)
             watcher.start()
             shell.notifier.ready()
@@ -233,6 +245,8 @@ class Supervisor:
             restore()
             self._mirror.close(MIRROR_CLOSE_SECONDS)
             shell.launcher.close()
+            shell.observer.update(self._view())
+            shell.observer.close()
             shell.lock.release()
 
     def _claim_output_dir(self, previous: RunStateFile | None) -> int | None:
@@ -325,12 +339,30 @@ class Supervisor:
             lock_acquired = lock.acquire()
             orphan = self.state.orphan
             orphan_alive = orphan is not None and self.shell.launcher.process_alive(orphan.pid)
+        disk = self.shell.disk.usage()
+        self.shell.observer.update(self._view(beat, disk.free))
         return Tick(
-            disk=self.shell.disk.usage(),
+            disk=disk,
             heartbeat=beat,
             child_stopped=stopped,
             lock_acquired=lock_acquired,
             orphan_alive=orphan_alive,
+        )
+
+    def _view(self, beat: HeartbeatView | None = None, disk_free: int | None = None) -> RunView:
+        """The run as the observer sees it now (the heartbeat of this tick, if any)."""
+        state = self.state
+        beat = beat or state.heartbeat
+        return RunView(
+            wall=self.shell.wall(),
+            mode=state.mode,
+            attempt=state.attempt,
+            step=beat.step if beat is not None else None,
+            max_steps=beat.max_steps if beat is not None else None,
+            last_step_seconds=beat.last_step_seconds if beat is not None else None,
+            newest_checkpoint_step=state.newest_valid,
+            disk_free_bytes=disk_free if disk_free is not None else _free(state.disk),
+            mirror_lag_checkpoints=self._mirror.lag_checkpoints(),
         )
 
     def _child_exited(self, notice: _ExitNotice) -> Event:
@@ -443,6 +475,7 @@ class Supervisor:
 
     def _record(self, event: str, fields: dict[str, object]) -> None:
         self.shell.journal.append(event, self.state.attempt, **fields)
+        self.shell.observer.record(self.shell.wall(), event, self.state.attempt, fields)
         failure = event in ("failure", "gave_up", "hang_detected")
         (log.warning if failure else log.info)(event, attempt=self.state.attempt, **fields)
 
@@ -508,6 +541,7 @@ class Supervisor:
         env["PYTHONUNBUFFERED"] = "1"
         if self.config.command is not None and self.config.inject_callback:
             env.update(injection_env(env))
+        env.update(self.shell.observer.child_env(env))
         # systemd's notify socket belongs to the supervisor (NotifyAccess=main).
         for name in NOTIFY_ENV_VARS:
             env.pop(name, None)
@@ -548,8 +582,13 @@ class Supervisor:
             child_pid=child.pid if child else None,
             child_create_time=self.shell.peers.create_time(child.pid) if child else None,
             updated_wall_time=wall,
+            tracking_run_id=self.shell.observer.tracking_run_id,
             **self._mirror.state_fields(),
         )
+
+
+def _free(disk: Disk | None) -> int | None:
+    return disk.free if disk is not None else None
 
 
 def injection_env(env: dict[str, str]) -> dict[str, str]:

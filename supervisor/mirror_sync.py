@@ -140,6 +140,10 @@ class MirrorSync:
             "mirror_newest_step": lag.newest_uploaded,
         }
 
+    def lag_checkpoints(self) -> int | None:
+        """Committed checkpoints not yet remote (the metric); None without a mirror."""
+        return self.mirror.lag().behind if self.mirror is not None else None
+
     def on_event(self, event: MirrorEvent) -> bool:
         """Journal what the worker reported; return whether the lag line changed."""
         if self.mirror is None:

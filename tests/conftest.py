@@ -128,6 +128,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             )
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """The same rule for a whole module skipped at import (``pytest.importorskip``)."""
+    outcome = yield
+    report: pytest.CollectReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped:
+        reason = _skip_reason(report)  # type: ignore[arg-type]
+        if not reason.startswith(ABSENT_PREFIX):
+            report.outcome = "failed"
+            report.longrepr = (
+                f"{collector.nodeid} skipped at collection, but not for a missing capability "
+                f"({reason}); skip only through tests.support.capabilities.require"
+            )
+
+
 class _Tally:
     ran = 0
     absent: list[str] = []

@@ -36,6 +36,7 @@ from supervisor.shell.mirror.worker import (
     MirrorLag,
     Outcome,
 )
+from supervisor.shell.observe import RunView
 from supervisor.shell.store import CheckpointStore, RefusedError
 from supervisor.shell.systemd import one_line, usec
 from trainer_child.protocol import JobFile, Phase, RunStateFile, checkpoint_name
@@ -50,6 +51,7 @@ __all__ = [
     "FakeLock",
     "FakeMirror",
     "FakeNotifier",
+    "FakeObserver",
     "FakeOomWatch",
     "FakePeers",
     "FakeRunDir",
@@ -709,3 +711,41 @@ class FakeMirror:
         """Remember that close was called."""
         self.closed = True
         return True
+
+
+# --- observer ---------------------------------------------------------------------------
+
+
+class FakeObserver:
+    """An observer that remembers what it was told (``observe.Observer``)."""
+
+    def __init__(self, run_id: str = "0123456789abcdef") -> None:
+        self._run_id = run_id
+        self.started: RunStateFile | None = None
+        self.records: list[tuple[str, int, dict[str, object]]] = []
+        self.views: list[RunView] = []
+        self.closed = False
+
+    @property
+    def tracking_run_id(self) -> str | None:
+        return self._run_id
+
+    def start(self, previous: RunStateFile | None) -> None:
+        """Remember what the run started from."""
+        self.started = previous
+
+    def record(self, wall: float, event: str, attempt: int, fields: Mapping[str, object]) -> None:
+        """Keep the record."""
+        self.records.append((event, attempt, dict(fields)))
+
+    def update(self, view: RunView) -> None:
+        """Keep the view."""
+        self.views.append(view)
+
+    def child_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """Offer the tracking run id, unless the env sets it."""
+        return {} if env.get("WANDB_RUN_ID") else {"WANDB_RUN_ID": self._run_id}
+
+    def close(self) -> None:
+        """Remember that close was called."""
+        self.closed = True

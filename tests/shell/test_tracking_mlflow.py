@@ -13,13 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow  # noqa: F401 - dev extra: the test runs wherever make test does
 import pytest
 
 from supervisor.shell.tracking import tracking_env
 from tests.support.processes import REPO_ROOT
 from trainer_child.protocol import Layout
-
-pytest.importorskip("mlflow")
 
 ATTEMPT = """
 import json, sys

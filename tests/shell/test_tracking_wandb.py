@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import wandb  # noqa: F401 - dev extra: the test runs wherever make test does
 
 from supervisor.shell.tracking import tracking_env, tracking_run_id
 from trainer_child.protocol import Layout, RunStateFile
-
-pytest.importorskip("wandb")
 
 ATTEMPT = """
 import json, sys

@@ -119,6 +119,7 @@ def _protocols() -> list[type]:
         journal,
         launcher,
         lock,
+        observe,
         oom,
         procs,
         rundir,
@@ -128,7 +129,19 @@ def _protocols() -> list[type]:
     )
     from supervisor.shell.mirror import seam
 
-    modules = (disk, evidence, heartbeat, journal, launcher, lock, oom, procs, rundir, store)
+    modules = (
+        disk,
+        evidence,
+        heartbeat,
+        journal,
+        launcher,
+        lock,
+        observe,
+        oom,
+        procs,
+        rundir,
+        store,
+    )
     return [
         cls
         for module in (*modules, systemd, watcher, seam)

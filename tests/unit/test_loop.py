@@ -42,6 +42,7 @@ from supervisor.shell.testing import (
     FakeLauncher,
     FakeLock,
     FakeNotifier,
+    FakeObserver,
     FakePeers,
     FakeRunDir,
     FakeSignals,
@@ -175,6 +176,7 @@ def make_rig(fates: list[Callable[[FakeSpawn], int]]) -> Rig:
         heartbeat=FakeHeartbeat(clock=clock),
         evidence=FakeEvidence(),
         watcher=FakeWatchers(),
+        observer=FakeObserver(),
         signals=FakeSignals(),
         clock=clock,
         wall=lambda: 1_700_000_000.0 + clock.now,
@@ -282,6 +284,30 @@ def test_every_seam_is_used_for_its_part() -> None:
     assert note.startswith("attempt 1: resume_from=- argv=")
     assert rig.signals.installed == rig.signals.restored == 1
     assert rig.lock.releases == 1
+
+
+def test_the_observer_hears_every_record_and_names_the_tracking_run() -> None:
+    """Records reach the observer; every child and state.json carry one tracking run id."""
+    rig: Rig
+
+    def crash(spawn: FakeSpawn) -> int:
+        return 1
+
+    def finish(spawn: FakeSpawn) -> int:
+        rig.store.final_complete = True
+        return 0
+
+    rig = make_rig([crash, finish])
+    observer = rig.supervisor.shell.observer
+    assert isinstance(observer, FakeObserver)
+    assert rig.supervisor.run() == 0
+    events = [event for event, _, _ in observer.records]
+    assert events == rig.journal.events()
+    first, second = rig.launcher.spawns
+    assert first.env["WANDB_RUN_ID"] == second.env["WANDB_RUN_ID"] == observer.tracking_run_id
+    assert {state.tracking_run_id for state in rig.journal.states} == {observer.tracking_run_id}
+    assert observer.views[-1].mode is Mode.COMPLETED
+    assert observer.closed
 
 
 def test_notifier_ready_before_first_spawn_then_status() -> None:

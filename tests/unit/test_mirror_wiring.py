@@ -40,6 +40,7 @@ from supervisor.shell.testing import (
     FakeLock,
     FakeMirror,
     FakeNotifier,
+    FakeObserver,
     FakePeers,
     FakeRunDir,
     FakeSignals,
@@ -106,6 +107,7 @@ def make_rig(fates: list[Fate], *, lock: FakeLock | None = None) -> Rig:
         heartbeat=FakeHeartbeat(clock=clock),
         evidence=FakeEvidence(),
         watcher=FakeWatchers(),
+        observer=FakeObserver(),
         mirror=FakeMirror(),
         signals=FakeSignals(),
         clock=clock,
@@ -307,6 +309,11 @@ def test_an_outage_shows_in_status_and_state_and_is_journaled_once() -> None:
     assert "1 behind" in lagging[0].mirror_status
     assert rig.events("mirror_recovered")
     assert rig.journal.states[-1].mirror_lag == 0
+    observer = rig.supervisor.shell.observer
+    assert isinstance(observer, FakeObserver)
+    lags = [view.mirror_lag_checkpoints for view in observer.views]
+    assert 1 in lags, "the metrics never saw the lag"
+    assert lags[-1] == 0
 
 
 def test_the_step_being_uploaded_is_spared_by_retention() -> None:
