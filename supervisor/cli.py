@@ -115,8 +115,7 @@ def report(
     except MissingExtra as exc:
         err.print(f"[bold red]trainwarden:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(exc.exit_code) from None
-    # Never wrapped: a script reads this path back (a long one broke at 80 columns).
-    out.print(str(path), highlight=False, soft_wrap=True)
+    out.print(str(path), highlight=False, soft_wrap=True)  # a path is never broken
 
 
 @app.command()

@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from supervisor.core.command import launcher_restarts
 from supervisor.core.model import PolicyConfig
 from supervisor.errors import ConfigError
 from trainer_child.protocol import TrainSpec
@@ -228,6 +229,13 @@ class Config(_Section):
     def _one_job(self) -> Config:
         if (self.train is None) == (self.command is None):
             raise ValueError("give exactly one of `train:` (the built-in job) or `command:`")
+        restarts = launcher_restarts(self.command or ())
+        if restarts is not None and restarts.strip() != "0":
+            raise ValueError(
+                f"command: --max-restarts {restarts}: the launcher must not restart its "
+                "workers itself (trainwarden restarts the whole group from the newest valid "
+                "checkpoint); use --max-restarts 0 or leave the flag out"
+            )
         return self
 
     @property
@@ -253,7 +261,12 @@ class Config(_Section):
 
     def job_digest(self) -> str:
         """Return a short digest of what the child runs: its command (or train:) and env."""
-        job = {"command": self.command, "train": self.train, "env": self.env}
+        # How many ranks run the built-in job changes how it runs, not what it
+        # computes: a run completed on 2 ranks is complete on 1.
+        train = None
+        if self.train is not None:
+            train = self.train.model_dump(mode="json", exclude={"nproc_per_node"})
+        job = {"command": self.command, "train": train, "env": self.env}
         blob = json.dumps(job, sort_keys=True, default=_jsonable).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

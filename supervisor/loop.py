@@ -10,6 +10,7 @@ the narrow interfaces bundled in ``Shell`` (each has a fake in ``shell/testing.p
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import random
@@ -63,7 +64,7 @@ from supervisor.shell.disk import DiskProbe, StatvfsDisk
 from supervisor.shell.evidence import EvidenceSource, FileEvidence
 from supervisor.shell.heartbeat import HeartbeatMonitor, HeartbeatSource
 from supervisor.shell.journal import FileJournal, Journal
-from supervisor.shell.launcher import Launcher, ProcessLauncher
+from supervisor.shell.launcher import JobMarker, Launcher, ProcessLauncher
 from supervisor.shell.lock import Lock, RunLock
 from supervisor.shell.mirror.seam import Mirror, RemoteMirror
 from supervisor.shell.mirror.worker import MirrorEvent
@@ -149,7 +150,9 @@ def default_shell(config: Config) -> Shell:
     """The real shell for a config: processes, files, statvfs, inotify, sd_notify."""
     layout = Layout(config.output_dir)
     return Shell(
-        launcher=ProcessLauncher(linger=config.preemption.grace),
+        launcher=ProcessLauncher(
+            linger=config.preemption.grace, marker=JobMarker(ENV_OUTPUT_DIR, str(config.output_dir))
+        ),
         store=FileCheckpointStore(config.output_dir, require_record=config.train is not None),
         journal=FileJournal(layout),
         disk=StatvfsDisk(config.output_dir),
@@ -192,6 +195,7 @@ class Supervisor:
         self._last_tick = 0.0
         self._child_pids: set[int] = set()
         self._mirror = MirrorSync(self.shell.mirror, self._record)
+        self._orphan_gone_seen = False
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -252,6 +256,13 @@ class Supervisor:
     def _claim_output_dir(self, previous: RunStateFile | None) -> int | None:
         """Take the run lock; return the pid of an orphan that holds it, or refuse."""
         if self.shell.lock.acquire():
+            # Ranks whose launcher died with the last supervisor hold no lock
+            # (torchrun closes inherited descriptors) and may train on: wait
+            # them out as an orphan.
+            strays = self.shell.launcher.job_processes(None)
+            if strays:
+                log.warning("stray_job_processes", pids=strays)
+                return strays[0]
             return None
         peers = self.shell.peers
         if peers.supervisor_alive(previous):
@@ -314,10 +325,9 @@ class Supervisor:
         now = self.shell.clock()
         self._last_tick = now
         self.shell.notifier.watchdog()
-        lock = self.shell.lock
-        orphan_just_gone = (
-            self.state.mode is Mode.WAITING_ORPHAN and not lock.held and lock.acquire()
-        )
+        orphan_gone = self.state.mode is Mode.WAITING_ORPHAN and self._orphan_gone()
+        orphan_just_gone = orphan_gone and not self._orphan_gone_seen
+        self._orphan_gone_seen = orphan_gone
         # A gone orphan is judged by what it left (its emergency checkpoint, or
         # final/) from a fresh scan, not from a watcher notice that may still be
         # on its way; the next tick reports the lock as ours.
@@ -336,9 +346,13 @@ class Supervisor:
         lock_acquired = False
         orphan_alive = False
         if self.state.mode is Mode.WAITING_ORPHAN:
-            lock_acquired = lock.acquire()
+            lock_acquired = orphan_gone
             orphan = self.state.orphan
-            orphan_alive = orphan is not None and self.shell.launcher.process_alive(orphan.pid)
+            # Its ranks count too; the cheap check first, /proc is scanned only after.
+            launcher = self.shell.launcher
+            orphan_alive = orphan is not None and (
+                launcher.process_alive(orphan.pid) or bool(launcher.job_processes(orphan.pid))
+            )
         disk = self.shell.disk.usage()
         self.shell.observer.update(self._view(beat, disk.free))
         return Tick(
@@ -364,6 +378,17 @@ class Supervisor:
             disk_free_bytes=disk_free if disk_free is not None else _free(state.disk),
             mirror_lag_checkpoints=self._mirror.lag_checkpoints(),
         )
+
+    def _orphan_gone(self) -> bool:
+        """Say whether the orphan's lock is ours and no process of its job is left.
+
+        The lock alone is not enough: torchrun's ranks do not inherit it, and
+        may outlive their agent.
+        """
+        if not self.shell.lock.acquire():
+            return False
+        orphan = self.state.orphan
+        return not self.shell.launcher.job_processes(orphan.pid if orphan else None)
 
     def _child_exited(self, notice: _ExitNotice) -> Event:
         self._child_pids.discard(notice.pid)
@@ -529,12 +554,16 @@ class Supervisor:
         )
         job_path = self.shell.run_dir.write_job(job)
         argv = [sys.executable, "-m", "trainer_child", "--job", str(job_path)]
+        if self.config.train.nproc_per_node > 1:
+            # torch.distributed.run's agent, in-process, around N ranks of the same child.
+            nproc = str(self.config.train.nproc_per_node)
+            argv[2:3] = ["trainer_child.launch", "--nproc-per-node", nproc]
         if resume_path:
             argv += ["--resume-from", resume_path]
         return argv
 
     def _env(self, action: Launch, resume_path: str) -> dict[str, str]:
-        env = {**os.environ, **self.config.env}
+        env = {**os.environ, **launcher_env(self.config.preemption.grace), **self.config.env}
         env[ENV_RESUME_FROM] = resume_path
         env[ENV_OUTPUT_DIR] = str(self.config.output_dir)
         env[ENV_ATTEMPT] = str(action.attempt)
@@ -601,6 +630,22 @@ def injection_env(env: dict[str, str]) -> dict[str, str]:
     site = str(SITE_DIR)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != site]
     return {"PYTHONPATH": os.pathsep.join([site, *paths]), ENV_INJECT: "1"}
+
+
+def launcher_env(grace: float) -> dict[str, str]:
+    """Return the settings that put torch.distributed's agent under trainwarden's rules.
+
+    Its own restarts off (torchrun's ``--max-restarts`` defaults to
+    ``PET_MAX_RESTARTS``): trainwarden restarts the whole group, from a checkpoint
+    it has verified. Its shutdown timeout (SIGTERM to the ranks, then SIGKILL;
+    30 s by default) raised to the preemption grace, so it never kills a rank
+    still writing its emergency checkpoint before trainwarden itself would.
+    A flag on the command line, or the job's ``env:``, still wins.
+    """
+    return {
+        "PET_MAX_RESTARTS": "0",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(1, math.ceil(grace))),
+    }
 
 
 def _kind(value: str) -> FailureKind:

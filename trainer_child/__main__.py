@@ -40,6 +40,7 @@ from trainer_child.protocol import (
     Layout,
     Phase,
 )
+from trainer_child.ranks import launched_rank
 
 if TYPE_CHECKING:
     from trainer_child.callback import WardenCallback
@@ -79,6 +80,12 @@ class _Attempt:
         self.attempt = attempt
         self.heartbeat = HeartbeatWriter(layout.output_dir, attempt=attempt)
         self.warden: WardenCallback | None = None
+        self.rank, self.world_size = launched_rank()
+
+    @property
+    def leads(self) -> bool:
+        """Whether this process speaks for the attempt (rank 0, or the only process)."""
+        return self.rank == 0
 
     def loading_resume(self) -> bool:
         """Return whether a failure now would implicate the checkpoint being resumed.
@@ -102,7 +109,12 @@ class _Attempt:
             attempt=self.attempt,
         )
         log.error("child_failed kind=%s type=%s", kind.value, report.type, exc_info=exc)
-        write_report(self.layout, report)
+        if self.world_size > 1 and self.layout.error.exists():
+            # The first rank to fail holds the cause; the others usually fail of
+            # its consequences (a collective whose peer is gone).
+            log.info("error_report_kept reason=another_rank_reported_first rank=%d", self.rank)
+        else:
+            write_report(self.layout, report)
         return exit_code_for(kind)
 
 
@@ -122,7 +134,8 @@ def _train(job: JobFile, attempt: _Attempt) -> int:
     step = trainer.state.global_step
     final = save_final(trainer, attempt.layout, warden)
     max_steps = trainer.state.max_steps or None
-    attempt.heartbeat.beat(Phase.DONE, step=step, max_steps=max_steps, force=True)
+    if attempt.leads:
+        attempt.heartbeat.beat(Phase.DONE, step=step, max_steps=max_steps, force=True)
     log.info("training_done step=%d final=%s", step, final)
     return EXIT_OK
 
@@ -150,13 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     attempt = _Attempt(Layout(job.output_dir), resume_from, attempt_number)
-    reserve = ErrorReserve(attempt.layout)
+    reserve = ErrorReserve(attempt.layout, rank=attempt.rank)
     try:
         mark("started")
-        attempt.heartbeat.beat(Phase.LOAD, force=True)
-        # error.json describes this attempt only; one left by an earlier attempt
-        # (the supervisor has read it by now) would pin its failure on this one.
-        attempt.layout.error.unlink(missing_ok=True)
+        if attempt.leads:
+            # One voice per attempt: a late rank's `load` must not follow rank 0's `train`.
+            attempt.heartbeat.beat(Phase.LOAD, force=True)
+            # error.json describes this attempt only; one left by an earlier attempt
+            # (the supervisor has read it by now) would pin its failure on this one.
+            attempt.layout.error.unlink(missing_ok=True)
         reserve.hold()
         return _train(job, attempt)
     except SystemExit as exc:

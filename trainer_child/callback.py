@@ -20,9 +20,23 @@ what the built-in job has:
   experiment-tracker run across attempts (see ``observe.py``);
 * the test-only failpoints of ``failpoints.py``.
 
-Hazard, multi-process: SIGTERM reaches each rank at its own moment, so ranks may
-request the emergency save at different steps and then wait on each other in
-the save's collectives. Single-process training (the built-in job) is exact.
+Several ranks (torchrun, ``accelerate launch``): every rank runs its own
+callback, and they act as one through two collectives (``ranks.py``), each a
+single integer over the job's own process group:
+
+* at every step end, an all-reduce (MAX) of "SIGTERM arrived here": SIGTERM
+  reaches each rank at its own moment, and this makes every rank see the
+  first one at the same step, so all of them save that step. Rank 0 writes the
+  heartbeat only after it, so one stuck rank stalls the heartbeat too;
+* in ``on_save``, the same all-reduce again: once it returns every rank has
+  written its part (``rng_state_K.pth``), and the ranks also agree on a
+  SIGTERM that arrived during the save. Rank 0 then writes the commit record,
+  listing every rank's files; when stopping, a barrier holds the other ranks
+  until the record is durable, and then every rank exits 75 together.
+
+A rank that dies instead takes part in no collective; the launcher (torchrun's
+agent) sees it and stops the others, so no rank is left waiting in one. With a
+single process both collectives cost nothing.
 """
 
 from __future__ import annotations
@@ -60,6 +74,7 @@ from trainer_child.protocol import (
     file_digest,
     fsync_dir,
 )
+from trainer_child.ranks import Ranks, missing_rank_files
 
 __all__ = [
     "TrainingAlreadyComplete",
@@ -112,13 +127,16 @@ def install_train_guard(trainer_cls: Any = None) -> None:
         for warden in wardens:
             warden.in_train_call = True
         try:
-            return original(self, *args, **kwargs)
+            result = original(self, *args, **kwargs)
         except TrainingAlreadyComplete as done:
             log.info("training_already_complete %s", done)
-            return _finish_without_training(self)
-        finally:
-            for warden in wardens:
-                warden.in_train_call = False
+            result = _finish_without_training(self)
+        # Not in a `finally`: an exception leaving train() must still find the
+        # flag set, so the error report can tell a checkpoint that will not load
+        # (kind `resume`) from any other failure.
+        for warden in wardens:
+            warden.in_train_call = False
+        return result
 
     setattr(train, _GUARDED, True)
     trainer_cls.train = train
@@ -225,6 +243,7 @@ def commit_checkpoint(
     attempt: int | None = None,
     save_seconds: float | None = None,
     save_started: float | None = None,
+    world_size: int = 1,
 ) -> CommitRecord:
     """Hash, fsync and seal a finished checkpoint folder with ``warden.json``.
 
@@ -249,6 +268,7 @@ def commit_checkpoint(
         attempt=attempt,
         wall_time=time.time(),
         save_seconds=save_seconds,
+        world_size=world_size,
     )
     atomic_write_model(root / COMMIT_RECORD, record)
     log.info(
@@ -354,6 +374,8 @@ class WardenCallback(TrainerCallback):
         self.loop_started = False
         self.phase = Phase.LOAD
         self.step = 0
+        #: The job's ranks, known once training begins (a job of one until then).
+        self.ranks = Ranks()
         self._step_started: float | None = None
         self._save_started: float | None = None
         self._emergency = False
@@ -421,6 +443,18 @@ class WardenCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.failpoints.bind(_output_dir(args))
+        self.ranks = Ranks.current()
+        if self.ranks.distributed:
+            # Every rank says what it runs with: an OOM remedy must reach them all.
+            log.info(
+                "rank_training rank=%d world_size=%d device=%s "
+                "per_device_train_batch_size=%d gradient_accumulation_steps=%d",
+                self.ranks.rank,
+                self.ranks.world_size,
+                self.ranks.device,
+                args.per_device_train_batch_size,
+                args.gradient_accumulation_steps,
+            )
         if self._handle_sigterm:
             # Only now: until the loop runs there is no progress to save, so a
             # SIGTERM during a (possibly minutes-long) load should kill at once
@@ -454,14 +488,22 @@ class WardenCallback(TrainerCallback):
     ) -> None:
         mark("first_step")  # noted once: the end of this attempt's first optimizer step
         seconds = None if self._step_started is None else time.monotonic() - self._step_started
-        if preemption_requested():
+        # Every rank, every step: the ranks agree on the first SIGTERM any of them
+        # got, so all save this very step. Also the rendezvous that keeps rank 0's
+        # heartbeat below from outrunning a rank that has stopped progressing.
+        if self.ranks.any(preemption_requested() or self._emergency):
             # Ask HF for a save; keep asking until one happens (save_strategy="best"
             # may veto a single request). Exiting happens in on_save, after the
             # commit. should_training_stop is deliberately left alone: HF stores
             # the control flags in trainer_state.json, and a resume with
             # restore_callback_states_from_checkpoint would stop one step later.
             if not self._emergency:
-                log.warning("preemption_save_requested step=%d", state.global_step)
+                log.warning(
+                    "preemption_save_requested step=%d rank=%d sigterm_here=%s",
+                    state.global_step,
+                    self.ranks.rank,
+                    preemption_requested(),
+                )
             self._emergency = True
             control.should_save = True
         if control.should_evaluate:
@@ -495,28 +537,27 @@ class WardenCallback(TrainerCallback):
     ) -> None:
         self.failpoints.save_finished()
         folder = Path(_output_dir(args)) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and not folder.is_dir():
-            # Hyperparameter search saves under run-N/; nothing trainwarden watches.
-            log.warning("commit_skipped reason=no_checkpoint_folder path=%s", folder)
-        elif state.is_world_process_zero:
-            commit_checkpoint(
-                folder,
-                step=state.global_step,
-                reason="emergency" if self._emergency else "periodic",
-                max_steps=state.max_steps or None,
-                per_device_train_batch_size=args.per_device_train_batch_size,
-                gradient_accumulation_steps=args.gradient_accumulation_steps,
-                attempt=self.attempt,
-                save_started=self._save_started,
-            )
+        # Once this returns on rank 0 every rank has returned from its part of
+        # HF's save; and a SIGTERM that reached any rank during the save stops
+        # all of them here, after the commit.
+        stopping = self.ranks.any(preemption_requested() or self._emergency)
+        if state.is_world_process_zero:
+            self._commit(args, state, folder)
         self._save_started = None
-        if preemption_requested() and state.global_step < state.max_steps:
+        if stopping and state.global_step < state.max_steps:
             # Also when SIGTERM arrived during a periodic save: it is committed, so
             # every bit of progress is safe and the grace period is not spent. At
             # the last step the run is done: finishing (final/, exit 0) is quicker
             # than a restart that would only write final/.
-            log.warning("preempted step=%d checkpoint=%s", state.global_step, folder)
-            _report_preempted(args, state.global_step, self.attempt)
+            # No rank leaves before the record is durable: torchrun's agent, once
+            # one rank exits, SIGTERMs the others and SIGKILLs them 30 s later
+            # (fixed on that path; TORCH_ELASTIC_SHUTDOWN_TIMEOUT only covers
+            # the agent's own SIGTERM).
+            self.ranks.barrier()
+            rank = self.ranks.rank
+            log.warning("preempted step=%d checkpoint=%s rank=%d", state.global_step, folder, rank)
+            if state.is_world_process_zero:
+                _report_preempted(args, state.global_step, self.attempt)
             raise SystemExit(EXIT_PREEMPTED)
         self._beat(args, state, Phase.TRAIN)
 
@@ -533,6 +574,30 @@ class WardenCallback(TrainerCallback):
         if self._loss_log is None or self._loss_log.path.parent.parent != Path(_output_dir(args)):
             self._loss_log = LossLog(_output_dir(args), attempt=self.attempt)
         self._loss_log.append(state.global_step, logs, epoch=state.epoch)
+
+    def _commit(self, args: TrainingArguments, state: TrainerState, folder: Path) -> None:
+        """Seal ``folder`` on rank 0, once it holds every rank's part."""
+        if not folder.is_dir():
+            # Hyperparameter search saves under run-N/; nothing trainwarden watches.
+            log.warning("commit_skipped reason=no_checkpoint_folder path=%s", folder)
+            return
+        missing = missing_rank_files(folder, self.ranks.world_size)
+        if missing:
+            # Unreachable after the all-reduce unless a rank's save failed quietly;
+            # a record would vouch for a checkpoint that reseeds that rank.
+            log.error("commit_skipped reason=rank_files_missing path=%s lacks=%s", folder, missing)
+            return
+        commit_checkpoint(
+            folder,
+            step=state.global_step,
+            reason="emergency" if self._emergency else "periodic",
+            max_steps=state.max_steps or None,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            attempt=self.attempt,
+            save_started=self._save_started,
+            world_size=self.ranks.world_size,
+        )
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -222,8 +222,11 @@ class ErrorReserve:
 
     SIZE = 64 * 1024
 
-    def __init__(self, layout: Layout) -> None:
-        self.path = layout.warden / "error.reserve"
+    def __init__(self, layout: Layout, *, rank: int = 0) -> None:
+        # One file per rank: ranks start and exit at their own moments, and one
+        # rank's release must not take the space another rank is counting on.
+        suffix = f".{rank}" if rank else ""
+        self.path = layout.warden / f"error.reserve{suffix}"
 
     def hold(self) -> None:
         """Allocate the reserve (real bytes, not a sparse hole, so blocks are taken)."""

@@ -31,6 +31,7 @@ from trainer_child import builtin
 from trainer_child.errors import ConfigError, DataError
 from trainer_child.heartbeat import mark
 from trainer_child.protocol import JobFile, Layout, LoraSpec, TrainSpec, fsync_dir
+from trainer_child.ranks import launched_rank
 
 if TYPE_CHECKING:
     from trainer_child.callback import WardenCallback
@@ -72,11 +73,17 @@ def _hardware_defaults(user: dict[str, Any]) -> dict[str, Any]:
     """Return precision and pinning the hardware can do, for what the user left unset.
 
     TRL defaults to bf16=True, which fails or crawls on a CPU; pinned memory
-    only helps (and only stays quiet) with an accelerator.
+    only helps (and only stays quiet) with an accelerator. Several ranks on a
+    machine without CUDA need ``use_cpu``: without it accelerate sees no
+    distributed setup, and every rank trains alone on the whole dataset
+    (measured: parallel_mode NOT_PARALLEL, world_size 1 on every rank).
     """
     import torch
 
     defaults: dict[str, Any] = {"dataloader_pin_memory": torch.cuda.is_available()}
+    _, world_size = launched_rank()
+    if world_size > 1 and not torch.cuda.is_available():
+        defaults["use_cpu"] = True
     if "bf16" not in user and "fp16" not in user:
         if not torch.cuda.is_available():
             defaults.update(bf16=False, fp16=False)
@@ -267,6 +274,11 @@ def build_trainer(job: JobFile, callbacks: Sequence[Any]) -> Any:
     from trl.trainer.sft_trainer import SFTTrainer
 
     mark("imports")
+    if job.train.model.startswith("builtin:"):
+        # Built before the SFT config exists: that starts the process group, after
+        # which save_pretrained writes nothing on ranks other than 0, and such a
+        # rank's half-built model folder could win the rename into the cache.
+        resolve_model_path(job.train.model)
     config, model_init_kwargs = build_sft_config(job)
     dataset = load_train_dataset(job.train)
     mark("dataset")
@@ -303,10 +315,13 @@ def save_final(trainer: Any, layout: Layout, warden: WardenCallback) -> Path:
     from trainer_child.callback import commit_checkpoint
 
     staging = layout.output_dir / ".final.staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    zero = trainer.is_world_process_zero()
+    if zero:
+        # Rank 0 alone: another rank's cleanup could land while rank 0 writes.
+        shutil.rmtree(staging, ignore_errors=True)
     started = time.monotonic()
     trainer.save_model(str(staging))
-    if not trainer.is_world_process_zero():
+    if not zero:
         return layout.final
     args = trainer.args
     commit_checkpoint(
@@ -318,6 +333,7 @@ def save_final(trainer: Any, layout: Layout, warden: WardenCallback) -> Path:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         attempt=warden.attempt,
         save_started=started,
+        world_size=warden.ranks.world_size,
     )
     if layout.final.exists():
         layout.trash.mkdir(parents=True, exist_ok=True)

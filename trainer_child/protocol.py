@@ -310,6 +310,8 @@ class CommitRecord(_Model):
     attempt: int | None = None
     wall_time: float = 0.0
     save_seconds: float | None = None
+    #: Ranks that wrote this checkpoint together; every one's files are listed.
+    world_size: int = Field(default=1, ge=1)
 
 
 class Heartbeat(_Model):
@@ -374,6 +376,8 @@ class TrainSpec(_Model):
     text_field: str = "text"
     lora: LoraSpec = LoraSpec()
     sft: dict[str, Any] = Field(default_factory=dict)
+    #: Processes (ranks) on this machine; above 1 the job runs under torch.distributed.run.
+    nproc_per_node: int = Field(default=1, ge=1)
 
 
 class Overrides(_Model):

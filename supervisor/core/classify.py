@@ -67,12 +67,10 @@ def classify_exit(
 ) -> Verdict:
     """Classify one child exit (docs/architecture.md, "Failure kinds")."""
     how = describe_exit(returncode, signal)
-    error = ""
-    if evidence.error_type:
-        error = f"; {evidence.error_type}: {evidence.error_message or ''}".rstrip(": ")
-    elif evidence.error_line:
-        error = f"; {evidence.error_line}"
-
+    if signal is None and evidence.worker_signal is not None:
+        # Behind a launcher: the rank that died first, not the peer that then
+        # failed in a collective (whose error.json may be all there is).
+        how += f"; a worker was {describe_exit(None, evidence.worker_signal)}"
     if final_complete:
         # final/ carries its own commit record: the run is done, however the
         # process ended afterwards (a slow exit stopped as a hang, a kill).
@@ -87,17 +85,46 @@ def classify_exit(
         return Verdict(
             Outcome.FAILED, FailureKind.CRASH, "exit 0 but final/ has no valid commit record"
         )
-    if returncode == EXIT_PREEMPTED or evidence.error_kind == ErrorKind.PREEMPTED.value:
+    by_status = _by_exit_status(returncode, evidence, how)
+    if by_status is not None:
+        return by_status
+    return _by_evidence(signal, evidence, how, disk_below_need=disk_below_need)
+
+
+def _error_text(evidence: Evidence) -> str:
+    if evidence.error_type:
+        return f"; {evidence.error_type}: {evidence.error_message or ''}".rstrip(": ")
+    if evidence.error_line:
+        return f"; {evidence.error_line}"
+    return ""
+
+
+def _by_exit_status(returncode: int | None, evidence: Evidence, how: str) -> Verdict | None:
+    """The contract's reserved exit codes (75, 78), argparse's 2, and error.json's preempted."""
+    # A launcher (torchrun, accelerate) exits 1 whatever its workers said; what
+    # it reported of them stands in for the child's own exit status.
+    worker = f"; worker exit {evidence.worker_exit}" if evidence.worker_exit is not None else ""
+    exits = (returncode, evidence.worker_exit)
+    if EXIT_PREEMPTED in exits or evidence.error_kind == ErrorKind.PREEMPTED.value:
         # SIGTERM from someone else (a VM shutting down, an operator): the child
         # saved an emergency checkpoint; resuming is not a failure. A launcher
         # in between loses the 75; error.json says it instead.
-        return Verdict(Outcome.PREEMPTED, FailureKind.PREEMPTED, f"{how} (emergency checkpoint)")
-    if returncode == EXIT_CONFIG:
-        return Verdict(Outcome.FAILED, FailureKind.CONFIG, f"{how}{error}")
+        return Verdict(
+            Outcome.PREEMPTED, FailureKind.PREEMPTED, f"{how}{worker} (emergency checkpoint)"
+        )
+    if EXIT_CONFIG in exits:
+        return Verdict(Outcome.FAILED, FailureKind.CONFIG, f"{how}{worker}{_error_text(evidence)}")
     if returncode == EXIT_USAGE and evidence.log_usage_error:
         # argparse rejected the command line: the same on every attempt.
         return Verdict(Outcome.FAILED, FailureKind.CONFIG, f"{how}; {evidence.error_line}")
+    return None
 
+
+def _by_evidence(
+    signal: int | None, evidence: Evidence, how: str, *, disk_below_need: bool
+) -> Verdict:
+    """The most specific evidence wins: error.json's hint, OOM traces, the log, the disk."""
+    error = _error_text(evidence)
     hinted = _HINTS.get(evidence.error_kind or "")
     if hinted is not None:
         return Verdict(Outcome.FAILED, hinted, f"{how}{error}")

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["PLACEHOLDER", "render_command"]
+__all__ = ["PLACEHOLDER", "launcher_restarts", "render_command"]
 
 PLACEHOLDER = "{resume_from}"
+#: The spellings of torchrun's and ``accelerate launch``'s own restart budget.
+_RESTART_FLAGS = ("--max-restarts", "--max_restarts")
 
 
 def render_command(template: Sequence[str], resume_path: str | None) -> list[str]:
@@ -40,3 +42,20 @@ def render_command(template: Sequence[str], resume_path: str | None) -> list[str
             continue  # --resume_from_checkpoint={resume_from}
         argv.append(part.replace(PLACEHOLDER, ""))
     return argv
+
+
+def launcher_restarts(template: Sequence[str]) -> str | None:
+    """Return the value of a ``--max-restarts`` flag in the command, if it gives one.
+
+    torchrun and ``accelerate launch`` can restart their workers themselves, from
+    whatever checkpoint the script then picks. Under trainwarden that budget
+    must be 0: the whole group is restarted from a checkpoint proven valid.
+    """
+    for index, part in enumerate(template):
+        name, sep, value = part.partition("=")
+        if name not in _RESTART_FLAGS:
+            continue
+        if sep:
+            return value
+        return template[index + 1] if index + 1 < len(template) else ""
+    return None

@@ -164,6 +164,9 @@ class Evidence:
     #: launcher reported it ("died with <Signals.SIGKILL: 9>"): the launcher
     #: itself exits 1, which says nothing.
     worker_signal: int | None = None
+    #: The exit status of the first worker to fail behind a launcher, as the
+    #: launcher reported it ("exitcode  : 75"): torchrun exits 1 whatever it was.
+    worker_exit: int | None = None
     log_cuda_oom: bool = False
     log_enospc: bool = False
     cgroup_oom_kill: bool = False

@@ -47,6 +47,7 @@ __all__ = [
     "EvidenceSource",
     "FileEvidence",
     "last_error_line",
+    "launcher_reported_exit",
     "launcher_reported_signal",
     "log_tail",
 ]
@@ -109,6 +110,7 @@ class FileEvidence:
             report = None  # left by an earlier attempt
         tail = log_tail(self._layout.attempt_log(attempt))
         worker_signal = launcher_reported_signal(tail)
+        worker_exit = launcher_reported_exit(tail) if worker_signal is None else None
         cgroup_oom, kernel_oom = self._oom_killed(signal if signal is not None else worker_signal)
         line = report_line(report) if report else last_error_line(tail)
         if worker_signal is not None and report is None:
@@ -122,6 +124,7 @@ class FileEvidence:
             error_line=line,
             log_usage_error=bool(line and USAGE_ERROR_RE.match(line)),
             worker_signal=worker_signal,
+            worker_exit=worker_exit,
             log_cuda_oom=mentions(tail, CUDA_OOM_MARKERS),
             log_enospc=mentions(tail, DISK_FULL_MARKERS),
             cgroup_oom_kill=cgroup_oom,
@@ -170,6 +173,27 @@ def last_error_line(tail: str) -> str | None:
         if USAGE_ERROR_RE.match(text):
             return text.strip()[:MAX_ERROR_LINE]
     return None
+
+
+#: A launcher's account of a worker's exit status: torchrun's failure summary
+#: (its root cause comes last) and ``accelerate launch``'s CalledProcessError.
+_LAUNCHER_EXIT_RES = (
+    re.compile(r"exitcode\s*:\s*(-?\d+)"),
+    re.compile(r"returned non-zero exit status (\d+)"),
+)
+
+
+def launcher_reported_exit(tail: str) -> int | None:
+    """Return the exit status a launcher says its (first failed) worker ended with.
+
+    Negative values (a signal) are ``launcher_reported_signal``'s; None then.
+    """
+    found: tuple[int, int] | None = None
+    for pattern in _LAUNCHER_EXIT_RES:
+        for match in pattern.finditer(tail):
+            if found is None or match.start() > found[0]:
+                found = (match.start(), int(match.group(1)))
+    return found[1] if found is not None and found[1] >= 0 else None
 
 
 def launcher_reported_signal(tail: str) -> int | None:

@@ -21,6 +21,13 @@ Hazards handled here:
   still writing the emergency checkpoint. So a child's exit is reported once
   its whole process group is gone, not when the leader is: the group is given
   ``linger`` seconds after the leader's exit, then SIGKILLed.
+- torchrun's agent (``accelerate launch`` with several processes runs the same
+  agent) starts every rank with ``start_new_session``: the ranks are *not* in
+  the child's process group, and survive a SIGKILL of it. So "the group" here
+  is the leader's process group plus every process that carries the job's
+  marker in its environment (``JobMarker``: the output_dir the supervisor hands
+  every child), wherever it now lives in the process tree. Signals, the wait
+  for the group to be gone and the stopped-process check cover all of them.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ import structlog
 __all__ = [
     "ChildHandle",
     "ExitCallback",
+    "JobMarker",
+    "JobScan",
     "Launcher",
     "ProcessLauncher",
     "enforce_log_cap",
@@ -64,6 +73,8 @@ _AFTER_KILL_TIMEOUT = 10.0
 _POLL = 0.01
 #: Polling a group through /proc costs a directory scan: not every 10 ms.
 _GROUP_POLL = 0.05
+#: How old the list of a job's processes may be when checking whether one is stopped.
+_MEMBERS_MAX_AGE = 5.0
 _COPY_CHUNK = 1 << 20
 #: The smallest cap that leaves room for a marker and a useful tail.
 _MIN_LOG_CAP = 4096
@@ -112,7 +123,11 @@ class Launcher(Protocol):
         ...
 
     def process_stopped(self, pid: int) -> bool:
-        """Say whether ``pid`` is stopped (SIGSTOP/ptrace) and so cannot heartbeat."""
+        """Say whether ``pid``, or any process of its job, is stopped (SIGSTOP/ptrace)."""
+        ...
+
+    def job_processes(self, pid: int | None) -> list[int]:
+        """List the live processes of the job led by ``pid`` (None: those carrying its marker)."""
         ...
 
     def close(self) -> None:
@@ -173,6 +188,97 @@ def live_group_members(pgid: int, proc_root: str = "/proc") -> list[int]:
         if pgrp == pgid and state not in (b"Z", b"X"):
             members.append(int(name))
     return members
+
+
+@dataclass(frozen=True)
+class JobMarker:
+    """An environment variable every process of the job inherits, and the job's value of it.
+
+    The value is a path (the output_dir); a process whose value is relative is
+    judged from its own working directory.
+    """
+
+    name: str
+    value: str
+
+
+def _stat_fields(proc_root: str, pid: int) -> list[bytes] | None:
+    """Return ``/proc/PID/stat`` from field 3 (state) on, plus comm; None if it is gone."""
+    try:
+        with open(f"{proc_root}/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    close = stat.rfind(b")")
+    fields = stat[close + 2 :].split()
+    if len(fields) < 20:
+        return None
+    return [stat[stat.find(b"(") + 1 : close], *fields]
+
+
+class JobScan:
+    """Find a job's live processes: its leader's process group, plus every marked process.
+
+    One pass over ``/proc``. Whether a process carries the marker is fixed at its
+    exec, so the answer is cached by (pid, start time, comm) and only processes
+    not seen before have their environment read. Thread-safe: the waiter threads
+    and the main loop share one scan.
+    """
+
+    def __init__(self, marker: JobMarker | None, proc_root: str = "/proc") -> None:
+        self.marker = marker
+        self._proc_root = proc_root
+        self._lock = threading.Lock()
+        self._verdicts: dict[tuple[int, bytes, bytes], bool] = {}
+        self._needle = f"{marker.name}=".encode() if marker else b""
+        self._target = os.path.realpath(marker.value) if marker else ""
+
+    def members(self, pgid: int | None) -> list[int]:
+        """List the live (non-zombie) processes in group ``pgid`` or carrying the marker."""
+        if self.marker is None:
+            return live_group_members(pgid, self._proc_root) if pgid is not None else []
+        own = os.getpid()
+        found: list[int] = []
+        verdicts: dict[tuple[int, bytes, bytes], bool] = {}
+        with self._lock:
+            for name in os.listdir(self._proc_root):
+                if not name.isdigit() or int(name) == own:
+                    continue
+                pid = int(name)
+                fields = _stat_fields(self._proc_root, pid)
+                if fields is None:
+                    continue  # exited while we looked
+                comm, state, pgrp, start = fields[0], fields[1], int(fields[3]), fields[20]
+                if state in (b"Z", b"X"):
+                    continue
+                key = (pid, start, comm)
+                marked = self._verdicts.get(key)
+                if marked is None:
+                    marked = self._carries_marker(pid)
+                verdicts[key] = marked
+                if pgrp == pgid or marked:
+                    found.append(pid)
+            self._verdicts = verdicts
+        return found
+
+    def _carries_marker(self, pid: int) -> bool:
+        try:
+            with open(f"{self._proc_root}/{pid}/environ", "rb") as handle:
+                environ = handle.read()
+        except OSError:
+            return False  # gone, or not ours to read
+        for entry in environ.split(b"\0"):
+            if not entry.startswith(self._needle):
+                continue
+            value = os.fsdecode(entry[len(self._needle) :])
+            if not os.path.isabs(value):
+                try:
+                    value = os.path.join(os.readlink(f"{self._proc_root}/{pid}/cwd"), value)
+                except OSError:
+                    return False
+            return os.path.realpath(value) == self._target
+        return False
 
 
 # --- log cap ---------------------------------------------------------------------------
@@ -254,10 +360,19 @@ class _Child:
 class ProcessLauncher:
     """Run children with ``subprocess.Popen``; one waiter thread per child reports its exit."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, linger: float = 120.0) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        linger: float = 120.0,
+        marker: JobMarker | None = None,
+    ) -> None:
         self._clock = clock
         #: Seconds the rest of a group may outlive its leader before SIGKILL.
         self._linger = linger
+        #: Finds the ranks that left the child's process group (see the module docstring).
+        self._scan = JobScan(marker)
+        self._known_members: list[int] = []
+        self._members_seen_at = float("-inf")
         self._lock = threading.Lock()
         self._children: dict[int, _Child] = {}
         self._threads: list[threading.Thread] = []
@@ -328,27 +443,49 @@ class ProcessLauncher:
     def _await_group(self, pgid: int) -> None:
         """Wait for the leader's group to empty: ``linger`` seconds, then SIGKILL it."""
         deadline = self._clock() + self._linger
-        while live_group_members(pgid):
+        while self._scan.members(pgid):
             if self._clock() >= deadline:
                 log.warning("group_outlived_leader", pgid=pgid, linger=self._linger)
                 self.signal_group(pgid, signal.SIGKILL)
                 deadline = self._clock() + _AFTER_KILL_TIMEOUT
                 if not self._wait_members_gone(pgid, deadline):
-                    log.error("group_survived_sigkill", pid=pgid, members=live_group_members(pgid))
+                    log.error("group_survived_sigkill", pid=pgid, members=self._scan.members(pgid))
                 return
             time.sleep(_GROUP_POLL)
 
     def _wait_members_gone(self, pgid: int, deadline: float) -> bool:
-        while live_group_members(pgid):
+        while self._scan.members(pgid):
             if self._clock() >= deadline:
                 return False
             time.sleep(_GROUP_POLL)
         return True
 
     def signal_group(self, pid: int, sig: int) -> None:
-        """Send ``sig`` to the group led by ``pid``; a group already gone is not an error."""
+        """Send ``sig`` to the group led by ``pid`` and to every process of its job.
+
+        A rank in a session of its own is signalled through its own process
+        group, which also reaches what it forked. A group already gone is not
+        an error.
+        """
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
+        if self._scan.marker is None:
+            return
+        own = os.getpgrp()
+        groups: set[int] = set()
+        for member in self._scan.members(pid):
+            try:
+                pgid = os.getpgid(member)
+            except ProcessLookupError:
+                continue
+            if pgid == own:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(member, sig)  # never our own group
+            elif pgid != pid:
+                groups.add(pgid)
+        for pgid in sorted(groups):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
 
     def stop(self, pid: int, grace: float) -> None:
         """Stop the group led by ``pid``: SIGTERM (+SIGCONT), wait ``grace``, then SIGKILL.
@@ -365,21 +502,21 @@ class ProcessLauncher:
         log.warning("stop_escalated", pid=pid, grace=grace)
         self.signal_group(pid, signal.SIGKILL)
         if not self._wait_gone(pid, self._clock() + _AFTER_KILL_TIMEOUT):
-            log.error("group_survived_sigkill", pid=pid, members=live_group_members(pid))
+            log.error("group_survived_sigkill", pid=pid, members=self._scan.members(pid))
 
     def _wait_gone(self, pid: int, deadline: float) -> bool:
         with self._lock:
             child = self._children.get(pid)
         while True:
             reported = child is None or child.reported.is_set()
-            if reported and not live_group_members(pid):
+            if reported and not self._scan.members(pid):
                 return True
             if self._clock() >= deadline:
                 return False
             if child is not None and not reported:
                 child.reported.wait(_POLL)
             else:
-                time.sleep(_POLL)
+                time.sleep(_GROUP_POLL)
 
     def enforce_log_cap(self, path: Path, cap_bytes: int) -> int:
         """Bound the attempt log (see the module function ``enforce_log_cap``)."""
@@ -390,8 +527,26 @@ class ProcessLauncher:
         return process_alive(pid)
 
     def process_stopped(self, pid: int) -> bool:
-        """Say whether ``pid`` is SIGSTOPped or stopped under a tracer."""
-        return process_stopped(pid)
+        """Say whether ``pid``, or a process of its job, is SIGSTOPped or stopped under a tracer.
+
+        A stopped rank stalls the others in their next collective, so the
+        heartbeat stops while the leader itself looks fine. Called every tick:
+        the job's processes are listed afresh only every few seconds (a rank
+        that stops was running at the previous listing).
+        """
+        if process_stopped(pid):
+            return True
+        if self._scan.marker is None:
+            return False
+        now = self._clock()
+        if now - self._members_seen_at >= _MEMBERS_MAX_AGE:
+            self._known_members = self._scan.members(pid)
+            self._members_seen_at = now
+        return any(process_stopped(member) for member in self._known_members)
+
+    def job_processes(self, pid: int | None) -> list[int]:
+        """List the live processes of the job led by ``pid``: its group and every marked one."""
+        return self._scan.members(pid)
 
     def running(self) -> list[int]:
         """List the children whose exit has not been reported yet."""

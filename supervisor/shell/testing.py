@@ -96,6 +96,8 @@ class FakeLauncher:
         self.fail_next: OSError | None = None
         #: When True, ``stop`` makes the child exit with -SIGTERM like a polite child.
         self.exit_on_stop = True
+        #: Processes of the job outside any child's group (ranks whose agent died).
+        self.strays: set[int] = set()
         self.closed = False
 
     def spawn(
@@ -154,6 +156,11 @@ class FakeLauncher:
     def process_stopped(self, pid: int) -> bool:
         """Answer from ``stopped``."""
         return pid in self.stopped
+
+    def job_processes(self, pid: int | None) -> list[int]:
+        """Answer from ``alive`` (the leader) and ``strays``."""
+        leader = [pid] if pid is not None and pid in self.alive else []
+        return sorted({*leader, *self.strays})
 
     def close(self) -> None:
         """Remember that close was called."""

@@ -10,7 +10,11 @@ ranks, spawned dataloader workers). The hook then:
   (``trainer_child.inject``): commit records, heartbeats, the emergency save on
   SIGTERM, and no step past ``max_steps`` after a resume;
 * writes ``.warden/error.json`` for an exception that nobody caught, so the
-  supervisor can tell a CUDA OOM or a bad model path from any other crash.
+  supervisor can tell a CUDA OOM or a bad model path from any other crash;
+* makes SIGUSR1 print the process's Python stacks (faulthandler) where nothing
+  else handles it: the supervisor's hang diagnosis sends it to every process
+  of the job, and its default action would kill a launcher (torchrun's agent)
+  and leave its ranks to be found without it.
 
 Hazards this file is written around:
 
@@ -26,9 +30,11 @@ Hazards this file is written around:
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.abc
 import importlib.util
 import os
+import signal
 import sys
 from types import ModuleType, TracebackType
 from typing import Any
@@ -118,6 +124,8 @@ def _install() -> None:
         else:
             sys.meta_path.insert(0, _TrainerHook())
         sys.excepthook = _excepthook
+        if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     _run_shadowed_sitecustomize()
 
 
