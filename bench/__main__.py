@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench import advice, detection, goodput, overhead, restart, validation
+from bench import advice, detection, goodput, mirror, overhead, restart, validation
 from bench.common import (
     FULL,
     QUICK,
@@ -54,6 +54,7 @@ KEYS = (
     "validation",
     "advice",
     "hash",
+    "mirror",
 )
 TITLES = {
     "detection": "1 detection",
@@ -64,6 +65,7 @@ TITLES = {
     "validation": "6 validation cost",
     "advice": "7 save-interval advice",
     "hash": "hash throughput",
+    "mirror": "8 remote mirror",
 }
 
 
@@ -116,6 +118,8 @@ def rejudge(out: Path) -> int:
     for section in sections:
         if section.key == "overhead" and "pair_ratios" in section.data:
             overhead.judge(section, section.data["pair_ratios"], section.data["ratio"])
+        if section.key == "mirror" and "pair_ratios" in section.data:
+            mirror.judge(section, section.data["pair_ratios"], section.data["ratio"])
     document["rejudged_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     write_json(out / "results.json", document, sections)
     write_markdown(out / "RESULTS.md", document, sections)
@@ -256,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         suite.run("validation", do_validation)
     if "hash" in wanted:
         suite.run("hash", lambda: sections.__setitem__("hash", hashing(sizes)))
+    if "mirror" in wanted:
+        suite.run("mirror", lambda: sections.__setitem__("mirror", mirror.run(ws, sizes)))
 
     ordered = [sections[k] for k in KEYS if k in sections and k in wanted]
     total = time.monotonic() - began

@@ -60,6 +60,10 @@ class Sizes:
     #: bench/bench_hash.py arguments.
     hash_mib: int
     hash_rounds: int
+    #: Remote mirror: on/off pairs and their job's steps; restore/cold-start pairs.
+    mirror_pairs: int
+    mirror_steps: int
+    restore_pairs: int
 
 
 QUICK = Sizes(
@@ -79,6 +83,9 @@ QUICK = Sizes(
     advice_window_mtbf=2.0,
     hash_mib=64,
     hash_rounds=3,
+    mirror_pairs=3,
+    mirror_steps=400,
+    restore_pairs=3,
 )
 FULL = Sizes(
     name="full",
@@ -97,6 +104,9 @@ FULL = Sizes(
     advice_window_mtbf=3.0,
     hash_mib=256,
     hash_rounds=5,
+    mirror_pairs=5,
+    mirror_steps=800,
+    restore_pairs=5,
 )
 
 

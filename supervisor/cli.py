@@ -74,7 +74,8 @@ def run(
     try:
         code = Supervisor(job).run()
     except TrainwardenError as exc:
-        err.print(f"[bold red]trainwarden:[/] {exc}", highlight=False)
+        # Escaped: a storage error quotes the backend, whose brackets are not markup.
+        err.print(f"[bold red]trainwarden:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(exc.exit_code) from None
     if code not in (0,):
         state = read_state(Layout(job.output_dir))

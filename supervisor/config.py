@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -99,6 +100,47 @@ class PreemptionConfig(_Section):
     grace: Duration = 120.0
 
 
+#: fsspec protocols that cannot hold a durable, writable copy of a run.
+_NOT_A_MIRROR = frozenset(
+    {"memory", "http", "https", "zip", "tar", "github", "git", "data", "reference", "libarchive"}
+)
+
+
+class MirrorConfig(_Section):
+    """A durable remote copy of every committed checkpoint (see docs/mirror.md).
+
+    ``storage_options`` go to the fsspec backend unchanged; credentials are best
+    left to the environment or the instance role. Whatever is here is never
+    logged (secret-looking values are redacted) and never written under .warden/.
+    """
+
+    url: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    #: Remote checkpoints to keep; None follows ``retention.keep_last``.
+    keep_last: int | None = Field(default=None, ge=1)
+    #: File transfers in flight at once.
+    upload_concurrency: int = Field(default=2, ge=1, le=64)
+
+    @field_validator("url")
+    @classmethod
+    def _fsspec_url(cls, url: str) -> str:
+        scheme, sep, rest = url.partition("://")
+        if not sep or not scheme or not rest.strip("/"):
+            raise ValueError(
+                f"{url!r} is not a URL: use e.g. s3://bucket/prefix, gs://bucket/prefix "
+                "or file:///mnt/nfs/runs/name"
+            )
+        # Imported here: fsspec's registry is only needed when a mirror is configured.
+        from fsspec.registry import known_implementations, registry  # noqa: PLC0415
+
+        protocol = scheme.lower()
+        if protocol in _NOT_A_MIRROR:
+            raise ValueError(f"{protocol}:// cannot hold a durable, writable mirror")
+        if protocol not in known_implementations and protocol not in registry:
+            raise ValueError(f"unknown scheme {protocol!r} in {url!r}: use s3://, gs:// or file://")
+        return url
+
+
 class BatchConfig(_Section):
     """The micro-batch of a ``command:`` job, so an OOM can be remediated.
 
@@ -163,6 +205,7 @@ class Config(_Section):
     preemption: PreemptionConfig = PreemptionConfig()
     metrics: MetricsConfig | None = None
     notify: NotifyConfig | None = None
+    mirror: MirrorConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -194,6 +237,13 @@ class Config(_Section):
                 "checkpoint); use --max-restarts 0 or leave the flag out"
             )
         return self
+
+    @property
+    def mirror_keep_last(self) -> int | None:
+        """Remote checkpoints to keep: ``mirror.keep_last``, else ``retention.keep_last``."""
+        if self.mirror is None:
+            return None
+        return self.mirror.keep_last or self.retention.keep_last
 
     @property
     def micro_batch(self) -> int | None:

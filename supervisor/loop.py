@@ -38,6 +38,7 @@ from supervisor.core.model import (
     FailureNote,
     FreeSpace,
     HeartbeatView,
+    Inventory,
     InventoryChanged,
     Launch,
     Mode,
@@ -57,6 +58,7 @@ from supervisor.core.model import (
     Tick,
 )
 from supervisor.errors import LockedError
+from supervisor.mirror_sync import MIN_DRAIN_SECONDS, MirrorSync
 from supervisor.shell import signals
 from supervisor.shell.disk import DiskProbe, StatvfsDisk
 from supervisor.shell.evidence import EvidenceSource, FileEvidence
@@ -64,6 +66,8 @@ from supervisor.shell.heartbeat import HeartbeatMonitor, HeartbeatSource
 from supervisor.shell.journal import FileJournal, Journal
 from supervisor.shell.launcher import JobMarker, Launcher, ProcessLauncher
 from supervisor.shell.lock import Lock, RunLock
+from supervisor.shell.mirror.seam import Mirror, RemoteMirror
+from supervisor.shell.mirror.worker import MirrorEvent
 from supervisor.shell.observe import Observer, RunObserver, RunView
 from supervisor.shell.procs import Peers, ProcPeers
 from supervisor.shell.rundir import FileRunDir, RunDir
@@ -93,6 +97,9 @@ TICK_SECONDS = 0.25
 RESCAN_SECONDS = 10.0
 #: Per-attempt log cap; the tail is kept.
 LOG_CAP_BYTES = 64 * 1024 * 1024
+#: On the way out, how long the mirror's threads get to end (a transfer in flight
+#: finishes first; after this they die with the process).
+MIRROR_CLOSE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,8 @@ class Shell:
     evidence: EvidenceSource
     watcher: WatcherFactory
     observer: Observer
+    #: The remote copy (``mirror:``); None when the job has none.
+    mirror: Mirror | None = None
     signals: SignalInstaller = signals.install
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
@@ -155,6 +164,20 @@ def default_shell(config: Config) -> Shell:
         evidence=FileEvidence(layout),
         watcher=CheckpointWatcher,
         observer=RunObserver(config),
+        mirror=_remote_mirror(config, layout),
+    )
+
+
+def _remote_mirror(config: Config, layout: Layout) -> RemoteMirror | None:
+    if config.mirror is None:
+        return None
+    retention = config.retention
+    return RemoteMirror(
+        config.mirror,
+        layout,
+        keep_last=config.mirror_keep_last,
+        keep_best=retention.keep_best,
+        keep_every=retention.keep_every,
     )
 
 
@@ -171,6 +194,7 @@ class Supervisor:
         self._last_rescan = 0.0
         self._last_tick = 0.0
         self._child_pids: set[int] = set()
+        self._mirror = MirrorSync(self.shell.mirror, self._record)
         self._orphan_gone_seen = False
 
     # --- lifecycle ---------------------------------------------------------------
@@ -178,29 +202,40 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until the run completes, stops cleanly, or gives up; return the exit code."""
         shell = self.shell
+        # Before anything is created: a wrong bucket or bad credentials is exit 78.
+        self._mirror.probe()
         shell.run_dir.prepare()
         previous = shell.journal.read_state()
         orphan = self._claim_output_dir(previous)
         try:
+            # An orphan child trains on this very disk: nothing to bring back.
+            # Before the observer: a restored state.json carries the tracking run id.
+            if orphan is None and self._mirror.restore(shell.store):
+                previous = shell.journal.read_state()
             shell.observer.start(previous)
         except BaseException:
+            self._mirror.close(MIRROR_CLOSE_SECONDS)
             shell.lock.release()
             raise
         restore = shell.signals(self.queue.put, SignalReceived)
         watcher = shell.watcher(self.config.output_dir, lambda: self.queue.put(_FsNotice()))
         try:
+            self._mirror.start(self.queue.put)
             watcher.start()
             shell.notifier.ready()
             log.info("supervisor_started", output_dir=str(self.config.output_dir), pid=os.getpid())
             started = Started(
-                inventory=shell.store.inventory(),
+                inventory=self._inventory(),
                 disk=shell.disk.usage(),
                 previous=self._previous(previous),
                 orphan_pid=orphan,
             )
             self._process(started)
             while self.exit_code is None:
-                self._process(self._next_event())
+                event = self._next_event()
+                if event is not None:
+                    self._process(event)
+            self._drain_mirror()
             return self.exit_code
         except BaseException:
             # An unexpected error in the loop must not leave a child training
@@ -212,6 +247,7 @@ class Supervisor:
             shell.notifier.stopping()
             watcher.stop()
             restore()
+            self._mirror.close(MIRROR_CLOSE_SECONDS)
             shell.launcher.close()
             shell.observer.update(self._view())
             shell.observer.close()
@@ -264,7 +300,8 @@ class Supervisor:
 
     # --- events ------------------------------------------------------------------
 
-    def _next_event(self) -> Event:
+    def _next_event(self) -> Event | None:
+        """The next event for the policy; None for a notice the loop handled itself."""
         now = self.shell.clock()
         timeout = max(0.0, self._last_tick + TICK_SECONDS - now)
         try:
@@ -275,9 +312,13 @@ class Supervisor:
             return self._child_exited(notice)
         if isinstance(notice, _FsNotice):
             self._last_rescan = self.shell.clock()
-            return InventoryChanged(self.shell.store.inventory())
+            return InventoryChanged(self._inventory())
         if isinstance(notice, SignalReceived):
+            self._mirror.signalled_at = self._mirror.signalled_at or self.shell.clock()
             return notice
+        if isinstance(notice, MirrorEvent):
+            self._on_mirror_event(notice)
+            return None
         raise TypeError(f"unexpected notice {notice!r}")
 
     def _tick(self) -> Event:
@@ -292,7 +333,7 @@ class Supervisor:
         # on its way; the next tick reports the lock as ours.
         if orphan_just_gone or now - self._last_rescan >= RESCAN_SECONDS:
             self._last_rescan = now
-            return InventoryChanged(self.shell.store.inventory())
+            return InventoryChanged(self._inventory())
         child = self.state.child
         beat = None
         stopped = False
@@ -335,6 +376,7 @@ class Supervisor:
             last_step_seconds=beat.last_step_seconds if beat is not None else None,
             newest_checkpoint_step=state.newest_valid,
             disk_free_bytes=disk_free if disk_free is not None else _free(state.disk),
+            mirror_lag_checkpoints=self._mirror.lag_checkpoints(),
         )
 
     def _orphan_gone(self) -> bool:
@@ -360,7 +402,7 @@ class Supervisor:
             returncode=returncode,
             signal=sig,
             evidence=self.shell.evidence.gather(notice.pid, attempt, sig),
-            inventory=self.shell.store.inventory(),
+            inventory=self._inventory(),
             disk=self.shell.disk.usage(),
             jitter=self.shell.rand(),
         )
@@ -370,8 +412,51 @@ class Supervisor:
         while pending:
             current = pending.pop(0)
             self.state, actions = policy.decide(self.state, current, self.shell.clock())
+            self._mirror.note(self.state)
             for action in actions:
                 pending.extend(self._execute(action))
+
+    # --- the mirror (supervisor/mirror_sync.py) -----------------------------------
+
+    def _inventory(self) -> Inventory:
+        """The checkpoint inventory, with the step the mirror is uploading marked."""
+        return self._mirror.with_inventory_pins(self.shell.store.inventory())
+
+    def _on_mirror_event(self, event: MirrorEvent) -> None:
+        """Journal an upload's outcome; a changed lag goes to STATUS= and state.json."""
+        if self._mirror.on_event(event):
+            self.shell.notifier.status(self._mirror.status(self.state.status))
+            self.shell.journal.write_state(self._state_file())
+
+    def _drain_mirror(self) -> None:
+        """Before exiting, give the mirror until the preemption grace ends to take the newest.
+
+        After a stop signal the grace counts from the signal, as for the
+        emergency save; otherwise (complete, gave up) from now.
+        """
+        if not self._mirror.enabled:
+            return
+        now = self.shell.clock()
+        since = self._mirror.signalled_at if self.state.mode is Mode.PREEMPTED else None
+        deadline = max((since or now) + self.config.preemption.grace, now + MIN_DRAIN_SECONDS)
+        self._mirror.drain(
+            self.state, deadline=deadline, clock=self.shell.clock, poll=self._poll_while_draining
+        )
+        self.shell.journal.write_state(self._state_file())
+
+    def _poll_while_draining(self) -> bool:
+        """Feed the watchdog, journal mirror events; say whether another stop signal came."""
+        self.shell.notifier.watchdog()
+        stop = False
+        while True:
+            try:
+                notice = self.queue.get_nowait()
+            except queue.Empty:
+                return stop
+            if isinstance(notice, MirrorEvent):
+                self._on_mirror_event(notice)
+            elif isinstance(notice, SignalReceived):
+                stop = True
 
     # --- actions -----------------------------------------------------------------
 
@@ -403,8 +488,9 @@ class Supervisor:
             self._record(action.event, action.fields)
         elif isinstance(action, Persist):
             self.shell.journal.write_state(self._state_file())
+            self._mirror.persisted()
         elif isinstance(action, Status):
-            self.shell.notifier.status(action.text)
+            self.shell.notifier.status(self._mirror.status(action.text))
         elif isinstance(action, ExtendStop):
             self.shell.notifier.extend_timeout(action.seconds)
         elif isinstance(action, Exit):
@@ -526,6 +612,7 @@ class Supervisor:
             child_create_time=self.shell.peers.create_time(child.pid) if child else None,
             updated_wall_time=wall,
             tracking_run_id=self.shell.observer.tracking_run_id,
+            **self._mirror.state_fields(),
         )
 
 

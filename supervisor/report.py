@@ -82,7 +82,7 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
     # A live run is measured up to now; a dead one up to its last sign of life.
     accounting = account(events, samples, now=time.time() if supervisor_alive else None)
 
-    report: dict[str, Any] = {
+    return {
         "output_dir": str(output_dir),
         "state": run_state,
         "status": state.status if state else "",
@@ -107,8 +107,16 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
         "disk_free_bytes": usage.f_bavail * usage.f_frsize,
         "disk_total_bytes": usage.f_blocks * usage.f_frsize,
         "save_interval_advice": _advice(output_dir, events, beat, rows),
+        **_mirror(state),
     }
-    return report
+
+
+def _mirror(state: RunStateFile | None) -> dict[str, Any]:
+    """With a ``mirror:``, its lag line (``remote: checkpoint-400, 2 behind``) and count."""
+    return {
+        "mirror": state.mirror_status if state else None,
+        "mirror_lag": state.mirror_lag if state else None,
+    }
 
 
 def _run_state(layout: Layout, state: RunStateFile | None, *, supervisor_alive: bool) -> str:
@@ -250,6 +258,8 @@ def render_status(report: dict[str, Any], console: Console) -> None:
     table.add_row("step", _progress(report))
     newest = report["newest_valid_checkpoint"]
     table.add_row("newest valid", f"checkpoint-{newest}" if newest is not None else "none")
+    if report.get("mirror"):
+        table.add_row("mirror", report["mirror"])
     table.add_row("restarts", f"{report['restarts']}" + (f" ({kinds})" if kinds else ""))
     if report["restarts"]:
         table.add_row(

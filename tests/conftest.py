@@ -55,9 +55,10 @@ def _live_children() -> list[psutil.Process]:
 
 
 def _foreign_thread(thread: threading.Thread) -> bool:
-    # Threads that libraries start once per process and keep (torch's, pytest-timeout's).
+    # Threads that libraries start once per process and keep (torch's, pytest-timeout's,
+    # fsspec's event loop that s3fs runs on).
     name = thread.name
-    return name.startswith(("pytest_timeout", "asyncio_", "ThreadPoolExecutor"))
+    return name.startswith(("pytest_timeout", "asyncio_", "ThreadPoolExecutor", "fsspecIO"))
 
 
 @pytest.fixture(autouse=True)

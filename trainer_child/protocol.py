@@ -435,6 +435,11 @@ class RunStateFile(_Model):
     #: Made once for the run and kept forever: every attempt logs into the experiment
     #: tracker run of this id (``WANDB_RUN_ID``), so a restart does not split the run.
     tracking_run_id: str | None = None
+    #: With a ``mirror:``: the lag line (``remote: checkpoint-400, 2 behind``), the
+    #: committed checkpoints not yet remote, and the newest one that is.
+    mirror_status: str | None = None
+    mirror_lag: int | None = None
+    mirror_newest_step: int | None = None
 
 
 class MetricsLine(_Model):

@@ -115,6 +115,10 @@ class Inventory:
     final_complete: bool = False
     trash_bytes: int = 0
     quarantine_bytes: int = 0
+    #: Checkpoint steps the remote mirror is uploading right now: retention spares
+    #: them until the upload ends, so an upload slower than the save interval
+    #: still lands (disk pressure does not wait for it).
+    uploading: frozenset[int] = frozenset()
 
     def get(self, step: int) -> CheckpointEntry | None:
         for entry in self.entries:

@@ -901,7 +901,7 @@ def _housekeeping(state: State, *, child_alive: bool) -> Decision:
         keep_last=state.config.keep_last,
         keep_best=state.config.keep_best,
         keep_every=state.config.keep_every,
-        protected=_protected(state),
+        protected=_protected(state) | state.inventory.uploading,
         exclude=state.poisoned,
     )
     actions += [Remove(step, "retention") for step in doomed]

@@ -27,8 +27,17 @@ from supervisor.core.model import (
 )
 from supervisor.shell.journal import journal_entry
 from supervisor.shell.launcher import ChildHandle, ExitCallback
+from supervisor.shell.mirror.restore import RestoreReport
+from supervisor.shell.mirror.worker import (
+    DrainResult,
+    Job,
+    JobKind,
+    MirrorEvent,
+    MirrorLag,
+    Outcome,
+)
 from supervisor.shell.observe import RunView
-from supervisor.shell.store import RefusedError
+from supervisor.shell.store import CheckpointStore, RefusedError
 from supervisor.shell.systemd import one_line, usec
 from trainer_child.protocol import JobFile, Phase, RunStateFile, checkpoint_name
 
@@ -40,6 +49,7 @@ __all__ = [
     "FakeJournal",
     "FakeLauncher",
     "FakeLock",
+    "FakeMirror",
     "FakeNotifier",
     "FakeObserver",
     "FakeOomWatch",
@@ -575,6 +585,139 @@ class FakeSignals:
         if self._put is None or self._make is None:
             raise RuntimeError("no signal handler is installed")
         self._put(self._make(name))
+
+
+# --- mirror -------------------------------------------------------------------------------
+
+
+class FakeMirror:
+    """A remote mirror whose uploads land when the test says (``land``), or fail while down.
+
+    Like ``RemoteMirror``: submits never block and coalesce while pending; each
+    outcome reaches the loop through the ``notify`` given to ``start``; the lag
+    counts submitted checkpoints newer than the newest uploaded one; ``drain``
+    lands what it can (everything, unless ``reachable`` is False).
+    """
+
+    def __init__(self, url: str = "s3://bucket/run") -> None:
+        self.url = url
+        #: Raised by ``probe`` (e.g. ``ProbeFailed``), when set.
+        self.probe_error: Exception | None = None
+        #: What ``restore`` answers, and what it "downloads" into a FakeCheckpointStore.
+        self.restore_report = RestoreReport(local_newest=None, remote_newest=None)
+        self.restore_entries: tuple[CheckpointEntry, ...] = ()
+        self.restore_final = False
+        self.restore_error: Exception | None = None
+        #: False: every try fails (RETRYING), as with storage down.
+        self.reachable = True
+        #: True: every submit is tried at once, as an idle worker would.
+        self.auto_land = False
+        self.newest_uploaded: int | None = None
+        self.in_flight: int | None = None
+        self.probes = 0
+        self.restores = 0
+        self.submitted: list[Job] = []
+        self.landed: list[Job] = []
+        self.drains: list[float] = []
+        self.closed = False
+        self._notify: Callable[[MirrorEvent], None] | None = None
+        self._pending: list[Job] = []
+        self._submitted_steps: set[int] = set()
+        self._last_error: str | None = None
+
+    def probe(self) -> None:
+        """Count the call; raise ``probe_error`` when set."""
+        self.probes += 1
+        if self.probe_error is not None:
+            raise self.probe_error
+
+    def restore(self, store: CheckpointStore) -> RestoreReport:
+        """Put ``restore_entries`` (and final/) into a fake store; answer ``restore_report``."""
+        self.restores += 1
+        if self.restore_error is not None:
+            raise self.restore_error
+        if isinstance(store, FakeCheckpointStore):
+            for entry in self.restore_entries:
+                store.put(entry)
+            store.final_complete = store.final_complete or self.restore_final
+        self.newest_uploaded = self.restore_report.remote_newest
+        return self.restore_report
+
+    def start(self, notify: Callable[[MirrorEvent], None]) -> None:
+        """Keep ``notify`` for the outcomes ``land`` reports."""
+        self._notify = notify
+
+    def _submit(self, job: Job) -> None:
+        self.submitted.append(job)
+        if job not in self._pending:
+            self._pending.append(job)
+        if self.auto_land:
+            self.land()
+
+    def submit_checkpoint(self, step: int) -> None:
+        """Queue it."""
+        self._submitted_steps.add(step)
+        self._submit(Job(JobKind.CHECKPOINT, step))
+
+    def submit_state(self) -> None:
+        """Queue it (coalesced)."""
+        self._submit(Job(JobKind.STATE))
+
+    def submit_final(self) -> None:
+        """Queue it."""
+        self._submit(Job(JobKind.FINAL))
+
+    def submit_prune(self) -> None:
+        """Queue it."""
+        self._submit(Job(JobKind.PRUNE))
+
+    def land(self) -> list[MirrorEvent]:
+        """Try every pending job once, most urgent first, reporting each through ``notify``."""
+        order = list(JobKind)
+        jobs = sorted(self._pending, key=lambda j: (order.index(j.kind), -(j.step or 0)))
+        events = [self._try(job) for job in jobs]
+        for event in events:
+            if self._notify is not None:
+                self._notify(event)
+        return events
+
+    def _try(self, job: Job) -> MirrorEvent:
+        if not self.reachable:
+            self._last_error = "EndpointConnectionError: Could not connect"
+            return MirrorEvent(job, Outcome.RETRYING, error=self._last_error, retry_in=8.0)
+        self._pending.remove(job)
+        self.landed.append(job)
+        self._last_error = None
+        if job.kind is JobKind.CHECKPOINT and job.step is not None:
+            self.newest_uploaded = max(job.step, self.newest_uploaded or job.step)
+        return MirrorEvent(job, Outcome.DONE, seconds=0.5, latency=1.0, bytes=1000)
+
+    def lag(self) -> MirrorLag:
+        """Computed as the real worker computes it."""
+        newest = self.newest_uploaded
+        return MirrorLag(
+            newest_submitted=max(self._submitted_steps, default=None),
+            newest_uploaded=newest,
+            behind=sum(1 for s in self._submitted_steps if newest is None or s > newest),
+            pending=len(self._pending),
+            last_error=self._last_error,
+            retry_in=8.0 if self._last_error else None,
+        )
+
+    def uploading(self) -> frozenset[int]:
+        """Answer from ``in_flight``."""
+        return frozenset() if self.in_flight is None else frozenset({self.in_flight})
+
+    def drain(self, deadline: float) -> DrainResult:
+        """Record the deadline; land everything if reachable."""
+        self.drains.append(deadline)
+        self.land()
+        return DrainResult(not self._pending, 0.0, self.newest_uploaded, tuple(self._pending))
+
+    def close(self, timeout: float) -> bool:
+        """Remember that close was called."""
+        self.closed = True
+        return True
 
 
 # --- observer ---------------------------------------------------------------------------

@@ -1,17 +1,19 @@
-"""Session fixtures for real-process tests: one model cache, one reference run per job."""
+"""Session fixtures for real-process tests: one model cache, one reference run per job,
+one S3 server for the mirror runs."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.jobs import STANDARD_SFT, child_env, run_to_end, write_tiny_job
+from tests.support.seaweed import SeaweedS3, running_seaweed
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +74,10 @@ def jsonl_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for line in corpus_lines():
             handle.write(json.dumps({"text": line}) + "\n")
     return folder
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One real S3 server (SeaweedFS on loopback) for the session; stopped by PID at the end."""
+    with running_seaweed(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server

@@ -194,6 +194,30 @@ def test_status_json_of_a_finished_run(finished_run: Path, tmp_path: Path, targe
     assert report["supervisor_pid"] is None
 
 
+def test_status_shows_the_mirror_lag(tmp_path: Path) -> None:
+    """With a mirror, `status` has a mirror row and `--json` the lag as a number."""
+    layout = Layout(tmp_path / "out")
+    write_built_in_job(layout)
+    line = "remote: checkpoint-4, 2 behind, retrying in 8s (EndpointConnectionError: ...)"
+    atomic_write_model(
+        layout.state,
+        RunStateFile(
+            attempts=1, status="step 9/16", mode="running", mirror_status=line, mirror_lag=2
+        ),
+    )
+    report = json.loads(cli("status", str(layout.output_dir), "--json").stdout)
+    assert (report["mirror"], report["mirror_lag"]) == (line, 2)
+    shown = cli("status", str(layout.output_dir))
+    assert shown.exit_code == 0, shown.output
+    # The row may wrap on a narrow console: its head is enough.
+    heads = [text.split(None, 1) for text in shown.stdout.splitlines() if text.strip()]
+    assert ["mirror", "remote: checkpoint-4, 2 behind,"] in [
+        [cells[0], cells[1].strip()[: len("remote: checkpoint-4, 2 behind,")]]
+        for cells in heads
+        if len(cells) == 2
+    ], shown.stdout
+
+
 def test_checkpoints_lists_every_verdict(tmp_path: Path) -> None:
     """`checkpoints` shows valid, partial, corrupt and quarantined folders, each by name."""
     output_dir = tmp_path / "out"

@@ -177,10 +177,15 @@ def _documented(text: str) -> object:
 
 def test_readme_configuration_table_states_the_real_defaults() -> None:
     """Every default in the README's table is the one config.py (their one home) applies."""
+    from supervisor.config import MirrorConfig
     from trainer_child.protocol import TrainSpec
 
     config = parse_config({"output_dir": "x", "train": {}})
-    sections: dict[str, object] = {"train": TrainSpec(), "batch": config.batch}
+    sections: dict[str, object] = {
+        "train": TrainSpec(),
+        "batch": config.batch,
+        "mirror": MirrorConfig(url="file:///nonexistent/mirror"),
+    }
     checked = 0
     for key, text in _readme_defaults().items():
         if text in ("required", "\u2013", "-"):  # an en dash: no default

@@ -127,6 +127,7 @@ def _protocols() -> list[type]:
         systemd,
         watcher,
     )
+    from supervisor.shell.mirror import seam
 
     modules = (
         disk,
@@ -143,7 +144,7 @@ def _protocols() -> list[type]:
     )
     return [
         cls
-        for module in (*modules, systemd, watcher)
+        for module in (*modules, systemd, watcher, seam)
         for _, cls in inspect.getmembers(module, inspect.isclass)
         if cls.__module__ == module.__name__ and Protocol in cls.__mro__[1:]
     ]
@@ -157,7 +158,7 @@ def test_every_seam_has_a_fake_with_its_methods() -> None:
     """Each Protocol of supervisor/shell has a fake in testing.py offering all its members."""
     fakes = [cls for _, cls in inspect.getmembers(testing, inspect.isclass)]
     protocols = _protocols()
-    assert len(protocols) >= 11
+    assert len(protocols) >= 12
     for protocol in protocols:
         matching = [fake for fake in fakes if _members(protocol) <= set(dir(fake))]
         assert matching, f"no fake in supervisor/shell/testing.py implements {protocol.__name__}"
