@@ -72,11 +72,17 @@ _MARKER_RE = re.compile(rb"^\[trainwarden: (\d+) bytes truncated\]\n")
 
 @dataclass(frozen=True)
 class ChildHandle:
-    """A spawned child: its pid (also its process-group id) and monotonic start time."""
+    """A spawned child: its pid (also its process-group id) and monotonic start time.
+
+    ``start`` says how it began: ``cold`` (a new process) or ``warm`` (a
+    standby took the attempt, ``shell/standby.py``); ``start_note`` says why.
+    """
 
     pid: int
     started_at: float
     log_path: Path
+    start: str = "cold"
+    start_note: str = ""
 
 
 class Launcher(Protocol):

@@ -60,6 +60,7 @@ CONFIG = PolicyConfig(
     window=3600,
     backoff_initial=1,
     backoff_max=8,
+    first_failure_at_once=False,
     no_progress_limit=3,
     keep_last=2,
     keep_best=True,
