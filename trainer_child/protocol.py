@@ -501,6 +501,9 @@ class StandbyRecipe(_Model):
     output_dir: str
     #: Digest of everything the preparation depended on; shown in standby.json.
     key: str
+    #: For ``module``/``script``: the modules to import ahead; None = torch,
+    #: transformers, peft, datasets, accelerate and trl.
+    imports: tuple[str, ...] | None = None
 
 
 class StandbyGo(_Model):

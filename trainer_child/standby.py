@@ -270,7 +270,8 @@ def _source(recipe: StandbyRecipe) -> tuple[str, str | None] | None:
 
 def _prepare_python(recipe: StandbyRecipe) -> str:
     """Import what a ``command:`` job's Python module or script would import first."""
-    done = [name for name in HEAVY_MODULES if _import_quietly(name)]
+    wanted = HEAVY_MODULES if recipe.imports is None else recipe.imports
+    done = [name for name in wanted if _import_quietly(name)]
     with contextlib.suppress(ImportError, SyntaxError, ValueError):
         found = _source(recipe)
         if found is not None:

@@ -530,9 +530,9 @@ def _back_off(
             why = Record("backoff", {"seconds": 0.0, "why": "first failure since progress"})
             # Executed once the state names the next attempt: keep them on this one.
             ours = [_about(a, state.attempt) for a in (*prior, why)]
-            text = Status(f"restarting at once after {kind.value}")
+            saying = Status(f"restarting at once after {kind.value}")
             state, launch = _launch(state, now, counted=True)
-            return state, [*ours, text, *launch]
+            return state, [*ours, saying, *launch]
         failures -= 1
     delay = backoff_delay(failures, config.backoff_initial, config.backoff_max, jitter)
     text = f"backing off {delay:.0f}s after {kind.value}"

@@ -76,6 +76,8 @@ IMPORTS_BYTES = 700 << 20
 #: Deaths of idle standbys of one recipe after which it gets no more.
 MAX_IDLE_DEATHS = 2
 STANDBY_LOG_CAP = 1 << 20
+#: How long ``close`` waits for a killed standby to be reaped.
+CLOSE_WAIT = 10.0
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -149,12 +151,15 @@ class WarmLauncher:
         python: str = sys.executable,
         memory: Callable[[], int | None] = available_memory,
         clock: Callable[[], float] = time.monotonic,
+        imports: tuple[str, ...] | None = None,
     ) -> None:
+        """``imports``: what a ``command:`` job's standby imports ahead (None: the ML stack)."""
         self._inner = inner
         self._layout = layout
         self._python = python
         self._memory = memory
         self._clock = clock
+        self._imports = imports
         self._lock = threading.Lock()
         self._standby: _Standby | None = None
         #: Every standby started whose exit has not been seen, by pid.
@@ -228,7 +233,14 @@ class WarmLauncher:
     def close(self) -> None:
         """Kill the idle standby, then stop any child left and join every waiter."""
         self._discard()
+        deadline = self._clock() + CLOSE_WAIT
+        while self._idle_known() and self._clock() < deadline:
+            time.sleep(0.01)  # its waiter reaps it: SIGKILL takes a moment for a big one
         self._inner.close()
+
+    def _idle_known(self) -> bool:
+        with self._lock:
+            return any(s.handed is None for s in self._known.values())
 
     @property
     def standby_pid(self) -> int | None:
@@ -384,6 +396,7 @@ class WarmLauncher:
             job=self._job(recipe),
             output_dir=str(self._layout.output_dir),
             key=recipe.key,
+            imports=self._imports,
         )
         try:
             ours.send(first.model_dump_json().encode())
