@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench import advice, detection, goodput, overhead, restart, validation
+from bench import advice, detection, goodput, overhead, restart, standby, validation
 from bench.common import (
     FULL,
     QUICK,
@@ -53,6 +53,7 @@ KEYS = (
     "goodput",
     "validation",
     "advice",
+    "standby",
     "hash",
 )
 TITLES = {
@@ -63,6 +64,7 @@ TITLES = {
     "goodput": "5 goodput under kills",
     "validation": "6 validation cost",
     "advice": "7 save-interval advice",
+    "standby": "8 warm standby",
     "hash": "hash throughput",
 }
 
@@ -116,6 +118,11 @@ def rejudge(out: Path) -> int:
     for section in sections:
         if section.key == "overhead" and "pair_ratios" in section.data:
             overhead.judge(section, section.data["pair_ratios"], section.data["ratio"])
+        if section.key == "overhead" and "standby_pair_ratios" in section.data:
+            data = section.data
+            overhead.judge(
+                section, data["standby_pair_ratios"], data["standby_ratio"], overhead.STANDBY_ROW
+            )
     document["rejudged_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     write_json(out / "results.json", document, sections)
     write_markdown(out / "RESULTS.md", document, sections)
@@ -254,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         detection.real_job_rows(sections["detection"], runs)
     if "validation" in wanted:
         suite.run("validation", do_validation)
+    if "standby" in wanted:
+        suite.run("standby", lambda: sections.__setitem__("standby", standby.run(ws, sizes)))
     if "hash" in wanted:
         suite.run("hash", lambda: sections.__setitem__("hash", hashing(sizes)))
 

@@ -60,6 +60,9 @@ class Sizes:
     #: bench/bench_hash.py arguments.
     hash_mib: int
     hash_rounds: int
+    #: Warm standby: (off, auto) rounds per job, and kills per run.
+    standby_rounds: int = 1
+    standby_kills: int = 2
 
 
 QUICK = Sizes(
@@ -97,6 +100,8 @@ FULL = Sizes(
     advice_window_mtbf=3.0,
     hash_mib=256,
     hash_rounds=5,
+    standby_rounds=2,
+    standby_kills=2,
 )
 
 
