@@ -307,6 +307,22 @@ def _model_settings(init_kwargs: dict[str, Any], trust_remote_code: bool) -> str
     return json.dumps([init_kwargs, trust_remote_code], sort_keys=True, default=repr)
 
 
+def _fault_in(model: Any) -> None:
+    """Read every weight once, so the pages are in memory when the attempt begins.
+
+    ``from_pretrained`` maps safetensors files lazily: untouched, a standby's
+    model would still be on disk and the attempt would read it, page by page,
+    on its first forward pass. Reading is enough; no copy is made, so the pages
+    stay shared with the page cache (and with a child that maps the same file).
+    """
+    import torch
+
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.device.type == "cpu" and tensor.numel():
+                tensor.sum()
+
+
 def preload(job: JobFile) -> tuple[Preloaded, str]:
     """Load what the job's attempts share (dataset, base model, tokenizer); say what was.
 
@@ -333,6 +349,7 @@ def preload(job: JobFile) -> tuple[Preloaded, str]:
         loaded.model, loaded.tokenizer = load_model_and_tokenizer(
             job.train.model, init_kwargs, trust_remote_code=trust
         )
+        _fault_in(loaded.model)
         held += ["model", "tokenizer"]
     except Exception as exc:
         log.warning("standby_preload_skipped part=model error=%r", exc)
