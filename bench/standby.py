@@ -171,6 +171,9 @@ class Kill:
     standby_rss: float = 0.0
     standby_uss: float = 0.0
     child_rss: float = 0.0
+    #: CPU seconds the standby used between being seen ready and the kill, and that span.
+    idle_cpu_s: float = 0.0
+    idle_wall_s: float = 0.0
 
 
 @dataclass
@@ -266,6 +269,14 @@ class _Driver:
         self.run = run
         self.layout = layout
         self.recorder = recorder
+        #: standby pid -> (wall, CPU seconds) when first seen ready.
+        self.ready_since: dict[int, tuple[float, float]] = {}
+
+    def _note_ready(self, standby: int) -> None:
+        if standby not in self.ready_since:
+            with contextlib.suppress(psutil.Error):
+                cpu = psutil.Process(standby).cpu_times()
+                self.ready_since[standby] = (time.time(), cpu.user + cpu.system)
 
     def ready_to_kill(self) -> int | None:
         child = _child(self.layout)
@@ -274,16 +285,27 @@ class _Driver:
             return None
         if not _committed_since(self.layout.output_dir, beat.marks["first_step"]):
             return None
-        if self.run.standby == "auto" and _ready_standby(self.layout, child) is None:
+        standby = _ready_standby(self.layout, child)
+        if standby is not None:
+            self._note_ready(standby)
+        if self.run.standby == "auto" and standby is None:
             return None
         return child
 
     def kill(self, pid: int) -> None:
-        standby_rss, standby_uss = _memory(_ready_standby(self.layout, pid))
+        standby = _ready_standby(self.layout, pid)
+        standby_rss, standby_uss = _memory(standby)
         child_rss, _ = _memory(pid)
+        idle_cpu = idle_wall = 0.0
+        if standby is not None and standby in self.ready_since:
+            with contextlib.suppress(psutil.Error):
+                cpu = psutil.Process(standby).cpu_times()
+                since, cpu_then = self.ready_since[standby]
+                idle_cpu, idle_wall = cpu.user + cpu.system - cpu_then, time.time() - since
         ts = time.time()
         os.kill(pid, signal.SIGKILL)
-        self.run.kills.append(Kill(ts, pid, standby_rss, standby_uss, child_rss))
+        record = Kill(ts, pid, standby_rss, standby_uss, child_rss, idle_cpu, idle_wall)
+        self.run.kills.append(record)
 
     def restarted(self, victim: int) -> bool:
         child = _child(self.layout)
@@ -357,7 +379,15 @@ def _rows(section: Section, name: str, runs: list[RestartRun]) -> dict[str, Any]
         f"{name}: memory of the idle standby, RSS / USS (child RSS)",
         f"{median(standby_rss):.0f} MB / {median(standby_uss):.0f} MB ({median(child_rss):.0f} MB)",
     )
+    idle = [(k.idle_cpu_s, k.idle_wall_s) for r in runs for k in r.kills if k.idle_wall_s > 1]
+    if idle:
+        cpu, wall = sum(c for c, _ in idle), sum(w for _, w in idle)
+        section.add(
+            f"{name}: CPU of the idle standby, ready -> kill ({wall:.0f} s sampled)",
+            f"{cpu:.2f} s = {100 * cpu / wall:.2f}% of a core",
+        )
     return {
+        "idle_cpu_wall_s": idle,
         "cold_start_s": colds,
         "restart_off": off,
         "restart_warm": warm_all,
