@@ -329,7 +329,9 @@ class WarmLauncher:
         """Start a standby for ``recipe`` unless one is kept, it keeps dying, or memory is short."""
         if self._standby is not None:
             return
-        if self._deaths.get(recipe.key, 0) >= MAX_IDLE_DEATHS:
+        with self._lock:
+            deaths = self._deaths.get(recipe.key, 0)
+        if deaths >= MAX_IDLE_DEATHS:
             self._off(
                 f"standbys for {recipe.what} died {MAX_IDLE_DEATHS} times while idle "
                 f"(see {self._layout.standby_log})"
@@ -442,7 +444,8 @@ class WarmLauncher:
             return
         if not discarded:
             key = standby.recipe.key
-            self._deaths[key] = self._deaths.get(key, 0) + 1
+            with self._lock:
+                self._deaths[key] = self._deaths.get(key, 0) + 1
             log.warning(
                 "standby_died", pid=pid, returncode=returncode, log=str(self._layout.standby_log)
             )
