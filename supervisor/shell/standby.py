@@ -50,7 +50,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import structlog
 
 from supervisor.core.standby import Cold, Recipe, memory_shortfall, recipe_for
@@ -61,8 +60,10 @@ from trainer_child.protocol import (
     STANDBY_MODULE,
     JobFile,
     Layout,
+    StandbyFile,
     StandbyGo,
     StandbyRecipe,
+    read_model,
 )
 
 __all__ = ["WarmLauncher", "available_memory"]
@@ -273,6 +274,7 @@ class WarmLauncher:
                 return None, "the standby had exited"
             standby.going = True
         ready = self._ready_note(standby)
+        self._measure(standby)
         message = StandbyGo(
             argv=tuple(argv),
             args=recipe.args,
@@ -299,7 +301,6 @@ class WarmLauncher:
         self, standby: _Standby, message: StandbyGo, log_path: Path, pass_fds: Sequence[int]
     ) -> str:
         """Send go with the log and inherited descriptors; return "" or what went wrong."""
-        self._measure(standby)
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
@@ -314,14 +315,21 @@ class WarmLauncher:
             os.close(log_fd)
         return ""
 
+    def _account(self, standby: _Standby) -> StandbyFile | None:
+        record = read_model(self._layout.standby, StandbyFile)
+        return record if record is not None and record.pid == standby.pid else None
+
     def _measure(self, standby: _Standby) -> None:
-        with contextlib.suppress(psutil.Error):
-            rss = psutil.Process(standby.pid).memory_info().rss
-            self._measured[standby.recipe.kind] = rss
+        """Keep a ready standby's own RSS figure: the next one's expected size."""
+        record = self._account(standby)
+        if record is not None and record.state == "ready" and record.rss_bytes:
+            self._measured[standby.recipe.kind] = record.rss_bytes
 
     def _ready_note(self, standby: _Standby) -> str:
         age = self._clock() - standby.started_at
-        return f"standby {standby.pid} ({standby.recipe.what}), started {age:.1f}s before"
+        record = self._account(standby)
+        state = "ready" if record is not None and record.state == "ready" else "still preparing"
+        return f"standby {standby.pid} ({standby.recipe.what}), {state}, started {age:.1f}s before"
 
     # --- preparing the next one -------------------------------------------------------------
 
