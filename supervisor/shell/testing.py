@@ -85,6 +85,9 @@ class FakeLauncher:
         #: When True, ``stop`` makes the child exit with -SIGTERM like a polite child.
         self.exit_on_stop = True
         self.closed = False
+        #: ``(start, start_note)`` of the handles it returns ("warm": as if a
+        #: standby had taken the attempt, see shell/standby.py).
+        self.start_as = ("cold", "")
 
     def spawn(
         self,
@@ -108,7 +111,10 @@ class FakeLauncher:
             )
         )
         self.alive.add(pid)
-        return ChildHandle(pid=pid, started_at=self._clock(), log_path=log_path)
+        start, note = self.start_as
+        return ChildHandle(
+            pid=pid, started_at=self._clock(), log_path=log_path, start=start, start_note=note
+        )
 
     def exit(self, pid: int, returncode: int) -> None:
         """Make child ``pid`` exit now, calling its ``on_exit`` as the waiter thread would."""

@@ -284,6 +284,28 @@ def test_every_seam_is_used_for_its_part() -> None:
     assert rig.lock.releases == 1
 
 
+def test_child_started_journals_how_the_launcher_started_the_child() -> None:
+    """A warm start reported by the launcher (a standby took the attempt) reaches the journal."""
+    rig: Rig
+
+    def crash_after_commit(spawn: FakeSpawn) -> int:
+        rig.store.put(complete(4))
+        rig.launcher.start_as = ("warm", "standby 10001 (the built-in job), ready")
+        return 1
+
+    def finish(spawn: FakeSpawn) -> int:
+        rig.store.final_complete = True
+        return 0
+
+    rig = make_rig([crash_after_commit, finish])
+    assert rig.supervisor.run() == 0
+    started = rig.events("child_started")
+    assert [(e["start"], e["why"]) for e in started] == [
+        ("cold", ""),
+        ("warm", "standby 10001 (the built-in job), ready"),
+    ]
+
+
 def test_notifier_ready_before_first_spawn_then_status() -> None:
     """READY=1 precedes the first spawn; STATUS= follows the run; STOPPING=1 ends it."""
     rig: Rig
