@@ -66,12 +66,7 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
     child_alive = _alive(state.child_pid if state else None)
 
     run_state = _run_state(layout, state, supervisor_alive=supervisor_alive)
-    eta = None
-    if beat is not None and beat.max_steps and beat.last_step_seconds and run_state != "completed":
-        eta = max(0, beat.max_steps - beat.step) * beat.last_step_seconds
-    steps_per_second = (
-        1.0 / beat.last_step_seconds if beat is not None and beat.last_step_seconds else None
-    )
+    eta, steps_per_second = _pace(beat, run_state)
     # The same samples the report draws from, so both tell the same loss.
     samples = [
         ProgressSample(line.wall_time, line.step, line.attempt)
@@ -111,6 +106,16 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
         "standby": _standby(layout, events, state),
     }
     return report
+
+
+def _pace(beat: Heartbeat | None, run_state: str) -> tuple[float | None, float | None]:
+    """Seconds left at the last step's pace (while not complete), and steps per second."""
+    if beat is None or not beat.last_step_seconds:
+        return None, None
+    eta = None
+    if beat.max_steps and run_state != "completed":
+        eta = max(0, beat.max_steps - beat.step) * beat.last_step_seconds
+    return eta, 1.0 / beat.last_step_seconds
 
 
 def _standby(layout: Layout, events: list[Any], state: RunStateFile | None) -> dict[str, Any]:
