@@ -93,6 +93,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections of OUT/results.json that this run does not redo (with --only)",
+    )
+    parser.add_argument(
         "--rejudge",
         action="store_true",
         help="run nothing: re-apply today's verdict rules to OUT/results.json, rewrite both files",
@@ -169,6 +174,33 @@ def hashing(sizes: Sizes) -> Section:
         section.notes.append(f"bench/bench_hash.py: {lines[0]}")
     section.data["output"] = lines
     return section
+
+
+def _merged(out: Path, fresh: list[Section]) -> list[Section]:
+    """This run's sections, and the earlier run's for the keys it did not redo, in KEYS order."""
+    try:
+        document = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return fresh
+    when = document.get("finished_at", "an earlier run")
+    done = {section.key for section in fresh}
+    kept = []
+    for raw in document.get("sections", []):
+        if raw["key"] in done:
+            continue
+        notes = [n for n in raw["notes"] if not n.startswith("from the run of ")]
+        section = Section(
+            key=raw["key"],
+            title=raw["title"],
+            rows=[Row(**row) for row in raw["rows"]],
+            notes=[f"from the run of {when} (kept by --merge)", *notes],
+            data=raw["data"],
+            seconds=raw["seconds"],
+            error=raw["error"],
+        )
+        kept.append(section)
+    every = {s.key: s for s in [*kept, *fresh]}
+    return [every[k] for k in KEYS if k in every]
 
 
 def _empty(workdir: Path) -> None:
@@ -267,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         suite.run("hash", lambda: sections.__setitem__("hash", hashing(sizes)))
 
     ordered = [sections[k] for k in KEYS if k in sections and k in wanted]
+    if options.merge:
+        ordered = _merged(options.out, ordered)
     total = time.monotonic() - began
     finished_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {

@@ -194,6 +194,18 @@ class RestartRun:
         first = self.marks.get(child["pid"], {}).get("first_step") if child else None
         return first - launch["ts"] if launch and first else None
 
+    def cold_split(self) -> dict[str, float]:
+        """Attempt 1's imports and model load (built-in job marks), seconds."""
+        child = self._first("child_started", 1)
+        marks = self.marks.get(child["pid"], {}) if child else {}
+        names = ("started", "imports", "dataset", "model")
+        if not all(name in marks for name in names):
+            return {}
+        return {
+            "imports_s": marks["imports"] - marks["started"],
+            "model_load_s": marks["model"] - marks["dataset"],
+        }
+
     def restarts(self) -> list[dict[str, Any]]:
         """Each kill's latency to the next attempt's first step, backoff excluded."""
         found = []
@@ -372,6 +384,13 @@ def _rows(section: Section, name: str, runs: list[RestartRun]) -> dict[str, Any]
         ratio(warm_s, cold_s) <= target if warm else None,
     )
     section.add(f"{name}: warm / off restart (same run)", f"{ratio(warm_s, off_s):.2f}")
+    splits = [split for r in runs if (split := r.cold_split())]
+    if splits:
+        section.add(
+            f"{name}: of a cold start, imports / base model load",
+            f"{fmt_seconds(median(x['imports_s'] for x in splits))} / "
+            f"{fmt_seconds(median(x['model_load_s'] for x in splits))}",
+        )
     standby_rss = [k.standby_rss for r in runs for k in r.kills if k.standby_rss]
     standby_uss = [k.standby_uss for r in runs for k in r.kills if k.standby_uss]
     child_rss = [k.child_rss for r in runs for k in r.kills if k.child_rss]
@@ -387,6 +406,7 @@ def _rows(section: Section, name: str, runs: list[RestartRun]) -> dict[str, Any]
             f"{cpu:.2f} s = {100 * cpu / wall:.2f}% of a core",
         )
     return {
+        "cold_split": splits,
         "idle_cpu_wall_s": idle,
         "cold_start_s": colds,
         "restart_off": off,
@@ -415,6 +435,7 @@ def run(ws: Workspace, sizes: Sizes) -> Section:
             for standby in ("off", "auto"):
                 runs.append(restart_run(ws, scenario, standby, sizes.standby_kills))
         section.data[scenario.name] = _rows(section, scenario.name, runs)
+    backoff_rows(ws, sizes, section)
     weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / MB
     section.notes.append(
         f"jobs: tiny = built-in job on builtin:tiny-gpt2; big = built-in job on a GPT-2 of "
@@ -428,6 +449,59 @@ def run(ws: Workspace, sizes: Sizes) -> Section:
         "each kill; USS is what it alone holds (shared library pages are not counted)."
     )
     return section
+
+
+#: The backoff A/B: the shipped default backoff, against none for a first failure.
+DEFAULT_BACKOFF = {"backoff_initial": "5s", "backoff_max": "5m"}
+BACKOFF_ARMS: dict[str, dict[str, Any]] = {
+    "immediate": {"standby": "auto", "first_failure": "immediate", **DEFAULT_BACKOFF},
+    "backoff": {"standby": "auto", "first_failure": "backoff", **DEFAULT_BACKOFF},
+}
+BACKOFF_STEPS = 600
+#: Kill the child this long after the previous kill: a few saves' worth of training.
+BACKOFF_PERIOD = 10.0
+
+
+def backoff_rows(ws: Workspace, sizes: Sizes, section: Section) -> None:
+    """Restart at once after progress, or back off (default 5 s)? Goodput decides (item 4).
+
+    The same job and the same kill plan (SIGKILL every BACKOFF_PERIOD s after the
+    previous kill, each following new commits) under both rules, with the warm
+    standby on and the shipped ``backoff_initial``, interleaved A B A B. The job
+    finishes in both, so goodput = its clean training time / wall, and the ratio
+    of walls is the ratio of goodputs.
+    """
+    from bench.goodput import _Job
+    from bench.killer import KillPlan
+
+    job = _Job(ws, BACKOFF_STEPS)
+    plan = KillPlan.periodic(BACKOFF_PERIOD, count=10_000)
+    walls: dict[str, list[float]] = {arm: [] for arm in BACKOFF_ARMS}
+    kills: dict[str, list[int]] = {arm: [] for arm in BACKOFF_ARMS}
+    for index in range(sizes.standby_rounds):
+        for arm, restart in BACKOFF_ARMS.items():
+            record = job.supervised(f"backoff-{arm}-{index}", plan, RUN_CAP, dict(restart))
+            if record.finished:
+                walls[arm].append(record.wall)
+                kills[arm].append(len(record.kills))
+    immediate, backoff = median(walls["immediate"]), median(walls["backoff"])
+    pairs = [ratio(b, a) for a, b in zip(walls["immediate"], walls["backoff"], strict=False)]
+    section.check(
+        f"first failure since progress: at once / after the {DEFAULT_BACKOFF['backoff_initial']} "
+        f"backoff, goodput (warm, kills every {BACKOFF_PERIOD:.0f} s)",
+        f"{ratio(backoff, immediate):.2f}x (wall {fmt_seconds(immediate)} vs "
+        f"{fmt_seconds(backoff)}; pairs {', '.join(f'{r:.2f}' for r in pairs)})",
+        "> 1: restart at once (restart.first_failure default)",
+        ratio(backoff, immediate) > 1 if walls["immediate"] and walls["backoff"] else None,
+    )
+    section.data["backoff"] = {"walls_s": walls, "kills": kills, "pair_ratios": pairs}
+    section.notes.append(
+        f"first-failure rule: the goodput job ({BACKOFF_STEPS} steps, slow_save 0.2 s) with "
+        f"the standby on, SIGKILLed every {BACKOFF_PERIOD:.0f} s after the previous kill, "
+        "under restart.first_failure immediate vs backoff (backoff_initial 5s, the "
+        "default); both finish, so goodput = clean training time / wall and the ratio "
+        f"of median walls is the goodput ratio; kills per run: {kills}."
+    )
 
 
 def _tiny_model(ws: Workspace) -> Path:
