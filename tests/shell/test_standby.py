@@ -25,7 +25,7 @@ import pytest
 from supervisor.loop import injection_env
 from supervisor.shell.launcher import ChildHandle, ProcessLauncher
 from supervisor.shell.lock import RunLock, held_by_someone
-from supervisor.shell.standby import WarmLauncher
+from supervisor.shell.standby import WarmLauncher, available_memory
 from tests.support.processes import REPO_ROOT, wait_for
 from trainer_child.protocol import (
     ENV_ATTEMPT,
@@ -254,13 +254,21 @@ def test_no_standby_without_the_memory_for_one(layout: Layout, lock: RunLock) ->
         launcher.close()
 
 
+def test_available_memory_is_what_meminfo_and_the_cgroup_leave() -> None:
+    """MemAvailable, or the memory cgroup's headroom when that is smaller: never above total."""
+    total = psutil.virtual_memory().total
+    available = available_memory()
+    assert available is not None
+    assert 0 < available <= total
+
+
 #: A supervisor in miniature: a cold attempt, a warm one, then it waits to be killed.
 SUPERVISOR = """\
 import json, os, queue, signal, sys, time
 from pathlib import Path
 from supervisor.shell.launcher import ProcessLauncher
 from supervisor.shell.lock import RunLock
-from supervisor.shell.standby import WarmLauncher
+from supervisor.shell.standby import WarmLauncher, available_memory
 from trainer_child.protocol import Layout, StandbyFile, read_model
 
 layout = Layout(sys.argv[1])
