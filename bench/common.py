@@ -233,6 +233,8 @@ class HeartbeatRecorder:
         self.interval = interval
         self.by_pid: dict[int, Heartbeat] = {}
         self.order: list[int] = []
+        #: Every (wall_time, step) seen per pid, for rates over part of a run.
+        self.history: dict[int, list[tuple[float, int]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-heartbeats", daemon=True)
         self._seen: tuple[int, int] | None = None
@@ -265,6 +267,7 @@ class HeartbeatRecorder:
         if beat.pid not in self.by_pid:
             self.order.append(beat.pid)
         self.by_pid[beat.pid] = beat
+        self.history.setdefault(beat.pid, []).append((beat.wall_time, beat.step))
         return beat
 
     def latest(self) -> Heartbeat | None:

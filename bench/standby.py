@@ -292,14 +292,14 @@ class _Driver:
 
     def ready_to_kill(self) -> int | None:
         child = _child(self.layout)
+        standby = _ready_standby(self.layout, child)
+        if standby is not None:
+            self._note_ready(standby)  # from the first look on: its idle CPU is measured
         beat = self.recorder.by_pid.get(child) if child is not None else None
         if beat is None or "first_step" not in beat.marks:
             return None
         if not _committed_since(self.layout.output_dir, beat.marks["first_step"]):
             return None
-        standby = _ready_standby(self.layout, child)
-        if standby is not None:
-            self._note_ready(standby)
         if self.run.standby == "auto" and standby is None:
             return None
         return child
