@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench import advice, detection, goodput, mirror, overhead, restart, validation
+from bench import advice, detection, goodput, mirror, overhead, restart, standby, validation
 from bench.common import (
     FULL,
     QUICK,
@@ -53,6 +53,7 @@ KEYS = (
     "goodput",
     "validation",
     "advice",
+    "standby",
     "hash",
     "mirror",
 )
@@ -64,8 +65,9 @@ TITLES = {
     "goodput": "5 goodput under kills",
     "validation": "6 validation cost",
     "advice": "7 save-interval advice",
+    "standby": "8 warm standby",
     "hash": "hash throughput",
-    "mirror": "8 remote mirror",
+    "mirror": "9 remote mirror",
 }
 
 
@@ -93,6 +95,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections of OUT/results.json that this run does not redo (with --only)",
+    )
+    parser.add_argument(
         "--rejudge",
         action="store_true",
         help="run nothing: re-apply today's verdict rules to OUT/results.json, rewrite both files",
@@ -118,6 +125,11 @@ def rejudge(out: Path) -> int:
     for section in sections:
         if section.key == "overhead" and "pair_ratios" in section.data:
             overhead.judge(section, section.data["pair_ratios"], section.data["ratio"])
+        if section.key == "overhead" and "standby_pair_ratios" in section.data:
+            data = section.data
+            overhead.judge(
+                section, data["standby_pair_ratios"], data["standby_ratio"], overhead.STANDBY_ROW
+            )
         if section.key == "mirror" and "pair_ratios" in section.data:
             mirror.judge(section, section.data["pair_ratios"], section.data["ratio"])
     document["rejudged_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -166,6 +178,33 @@ def hashing(sizes: Sizes) -> Section:
         section.notes.append(f"bench/bench_hash.py: {lines[0]}")
     section.data["output"] = lines
     return section
+
+
+def _merged(out: Path, fresh: list[Section]) -> list[Section]:
+    """This run's sections, and the earlier run's for the keys it did not redo, in KEYS order."""
+    try:
+        document = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return fresh
+    when = document.get("finished_at", "an earlier run")
+    done = {section.key for section in fresh}
+    kept = []
+    for raw in document.get("sections", []):
+        if raw["key"] in done:
+            continue
+        notes = [n for n in raw["notes"] if not n.startswith("from the run of ")]
+        section = Section(
+            key=raw["key"],
+            title=raw["title"],
+            rows=[Row(**row) for row in raw["rows"]],
+            notes=[f"from the run of {when} (kept by --merge)", *notes],
+            data=raw["data"],
+            seconds=raw["seconds"],
+            error=raw["error"],
+        )
+        kept.append(section)
+    every = {s.key: s for s in [*kept, *fresh]}
+    return [every[k] for k in KEYS if k in every]
 
 
 def _empty(workdir: Path) -> None:
@@ -258,12 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         detection.real_job_rows(sections["detection"], runs)
     if "validation" in wanted:
         suite.run("validation", do_validation)
+    if "standby" in wanted:
+        suite.run("standby", lambda: sections.__setitem__("standby", standby.run(ws, sizes)))
     if "hash" in wanted:
         suite.run("hash", lambda: sections.__setitem__("hash", hashing(sizes)))
     if "mirror" in wanted:
         suite.run("mirror", lambda: sections.__setitem__("mirror", mirror.run(ws, sizes)))
 
     ordered = [sections[k] for k in KEYS if k in sections and k in wanted]
+    if options.merge:
+        ordered = _merged(options.out, ordered)
     total = time.monotonic() - began
     finished_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {

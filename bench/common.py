@@ -64,6 +64,9 @@ class Sizes:
     mirror_pairs: int
     mirror_steps: int
     restore_pairs: int
+    #: Warm standby: (off, auto) rounds per job, and kills per run.
+    standby_rounds: int = 1
+    standby_kills: int = 2
 
 
 QUICK = Sizes(
@@ -107,6 +110,8 @@ FULL = Sizes(
     mirror_pairs=5,
     mirror_steps=800,
     restore_pairs=5,
+    standby_rounds=2,
+    standby_kills=2,
 )
 
 
@@ -191,6 +196,10 @@ BENCH_RESTART: dict[str, Any] = {
     "backoff_max": "4s",
     "max_restarts": 200,
     "no_progress_limit": 5,
+    # Yesterday's behaviour unless a benchmark asks for the warm standby and the
+    # immediate first restart (bench/standby.py compares them in one run).
+    "standby": "off",
+    "first_failure": "backoff",
 }
 
 
@@ -234,6 +243,8 @@ class HeartbeatRecorder:
         self.interval = interval
         self.by_pid: dict[int, Heartbeat] = {}
         self.order: list[int] = []
+        #: Every (wall_time, step) seen per pid, for rates over part of a run.
+        self.history: dict[int, list[tuple[float, int]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-heartbeats", daemon=True)
         self._seen: tuple[int, int] | None = None
@@ -266,6 +277,7 @@ class HeartbeatRecorder:
         if beat.pid not in self.by_pid:
             self.order.append(beat.pid)
         self.by_pid[beat.pid] = beat
+        self.history.setdefault(beat.pid, []).append((beat.wall_time, beat.step))
         return beat
 
     def latest(self) -> Heartbeat | None:

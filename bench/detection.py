@@ -100,6 +100,9 @@ def _config(folder: Path, argv: list[str]) -> Path:
                 "backoff_max": "0.05s",
                 "max_restarts": 10_000,
                 "no_progress_limit": 10_000,
+                # The fake child stays a 30 ms heartbeat-only process: a standby
+                # would pre-import torch for it, and its teardown would be timed.
+                "standby": "off",
             },
             "hang": {"timeout": HANG_TIMEOUT, "kill_grace": "2s"},
         },

@@ -80,11 +80,18 @@ class _Job:
         self.fields = sft(max_steps=steps, save_steps=max(1, steps // 10), logging_steps=steps)
         self.failpoints = f"slow_save@seconds={SLOW_SAVE}"
 
-    def supervised(self, label: str, plan: KillPlan | None, cap: float) -> RunRecord:
+    def supervised(
+        self,
+        label: str,
+        plan: KillPlan | None,
+        cap: float,
+        restart: dict[str, Any] | None = None,
+    ) -> RunRecord:
         folder = self.ws.fresh(label)
         out = folder / "out"
         config = write_yaml(
-            folder / "job.yaml", train_config(out, self.fields, failpoints=self.failpoints)
+            folder / "job.yaml",
+            train_config(out, self.fields, failpoints=self.failpoints, restart=restart),
         )
         proc = Process(supervisor_argv(config), self.ws.env, folder / "supervisor.log")
         return run_job(proc, out, label=label, system="trainwarden", cap=cap, plan=plan)
@@ -134,6 +141,27 @@ def _describe(outcome: dict[str, Any]) -> str:
     return f"{outcome['how']} {wall}, goodput {outcome['goodput']:.2f}"
 
 
+#: The warm-standby arms beside today's trainwarden (standby off, every failure backed
+#: off): the standby with the new default (first failure since progress restarts at
+#: once), and with the old backoff, which isolates the backoff rule (issue 13, item 4).
+ARMS: dict[str, dict[str, Any]] = {
+    "standby": {"standby": "auto", "first_failure": "immediate"},
+    "standby-backoff": {"standby": "auto", "first_failure": "backoff"},
+}
+
+
+def _standby_rows(section: Section, rows: list[tuple[float, float, Any, Any, Any]]) -> None:
+    for period, fraction, tw, warm, backoff in rows:
+        same = warm.get("identical_to_clean")
+        section.add(
+            f"T={period:.0f}s (f={fraction:.2f}), warm standby: {warm['kills']} kills, "
+            f"{warm['mid_save_partials']} mid-save",
+            f"standby {_describe(warm)}"
+            + (" (bit-identical)" if same else " (DIFFERS)" if same is False else "")
+            + f"; standby, backed off {_describe(backoff)}; today {_describe(tw)}",
+        )
+
+
 def run(ws: Workspace, sizes: Sizes, calibration: Calibration) -> tuple[Section, list[RunRecord]]:
     section = Section("goodput", "5 goodput under kills")
     job = _Job(ws, sizes.goodput_steps)
@@ -161,21 +189,26 @@ def run(ws: Workspace, sizes: Sizes, calibration: Calibration) -> tuple[Section,
         line += f"; naive {_describe(outcomes[-1])}"
     section.add("no kills (reference)", line)
     rows = []
+    warm_rows = []
     for fraction in sizes.goodput_fractions:
         period = budget + fraction * train
         plan = KillPlan.periodic(period, count=10_000, mid_save_every=MID_SAVE_EVERY)
         pair = []
-        for system in ("trainwarden", "naive"):
+        for system in ("trainwarden", "naive", *ARMS):
             label = f"goodput-{system}-T{period:.0f}"
-            record = (job.supervised if system == "trainwarden" else job.naive)(label, plan, cap)
+            if system == "naive":
+                record = job.naive(label, plan, cap)
+            else:
+                record = job.supervised(label, plan, cap, ARMS.get(system))
             records.append(record)
             outcome = _outcome(record, job.steps, step_seconds, cap)
-            outcome.update(period_s=period, fraction=fraction)
+            outcome.update(period_s=period, fraction=fraction, system=system)
             if record.finished:
                 outcome["identical_to_clean"] = identical(record.output_dir, clean.output_dir)
             outcomes.append(outcome)
             pair.append(outcome)
-        tw, naive = pair
+        tw, naive, warm, warm_backoff = pair
+        warm_rows.append((period, fraction, tw, warm, warm_backoff))
         ok = tw["finished"] and tw["goodput"] >= naive["goodput"]
         same = tw.get("identical_to_clean")
         rows.append(
@@ -190,9 +223,26 @@ def run(ws: Workspace, sizes: Sizes, calibration: Calibration) -> tuple[Section,
         )
     for metric, value, ok in rows:
         section.add(metric, value, "trainwarden finishes, goodput >= naive", verdict_of(ok))
+    _standby_rows(section, warm_rows)
     tw_goodputs = [
         o["goodput"] for o in outcomes if o["system"] == "trainwarden" and "period_s" in o
     ]
+    warm_goodputs = [o["goodput"] for o in outcomes if o["system"] == "standby"]
+    backoff_goodputs = [o["goodput"] for o in outcomes if o["system"] == "standby-backoff"]
+    if tw_goodputs and warm_goodputs:
+        mean_tw = sum(tw_goodputs) / len(tw_goodputs)
+        mean_warm = sum(warm_goodputs) / len(warm_goodputs)
+        mean_backoff = sum(backoff_goodputs) / max(len(backoff_goodputs), 1)
+        section.check(
+            "mean goodput over T, warm standby / today (cold, backoff)",
+            f"{mean_warm:.2f} / {mean_tw:.2f} = {mean_warm / mean_tw:.2f}x",
+            "> 1 (higher than today's)",
+            mean_warm > mean_tw,
+        )
+        section.add(
+            "mean goodput over T, first failure at once / backed off (both warm)",
+            f"{mean_warm:.2f} / {mean_backoff:.2f} = {mean_warm / mean_backoff:.2f}x",
+        )
     naive_goodputs = [o["goodput"] for o in outcomes if o["system"] == "naive" and "period_s" in o]
     if tw_goodputs and naive_goodputs:
         mean_tw = sum(tw_goodputs) / len(tw_goodputs)

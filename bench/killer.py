@@ -31,7 +31,7 @@ from bench.common import (
 )
 from tests.support.outputs import heartbeat
 from tests.support.processes import live_descendants
-from trainer_child.protocol import TRAINER_STATE, Phase
+from trainer_child.protocol import TRAINER_STATE, Layout, Phase, RunStateFile, read_model
 
 
 @dataclass(frozen=True)
@@ -158,15 +158,27 @@ class Killer:
             # The heartbeat first: a file read, where listing processes is not.
             beat = heartbeat(self.output_dir)
             if beat is not None and beat.phase is Phase.SAVE and beat.wall_time >= since:
-                children = live_descendants(self.root_pid, self.match)
+                children = self._children()
                 if children and beat.pid == children[0].pid:
                     return not self._stop.wait(self.plan.into_save)
             if self._stop.wait(0.005):
                 return False
         return True
 
+    def _children(self) -> list[psutil.Process]:
+        """The training child: the one state.json names (under trainwarden), else by cmdline.
+
+        Under trainwarden a warm standby is a ``trainer_child`` process too, idle
+        until the supervisor hands it an attempt: only state.json tells them apart.
+        """
+        state = read_model(Layout(self.output_dir).state, RunStateFile)
+        if state is not None and state.child_pid:
+            named = state.child_pid
+            return [p for p in live_descendants(self.root_pid, lambda _: True) if p.pid == named]
+        return live_descendants(self.root_pid, self.match)
+
     def _kill(self, index: int, aimed: bool) -> KillRecord:
-        children = live_descendants(self.root_pid, self.match)
+        children = self._children()
         if not children:
             return KillRecord(index, time.time(), None, None, None, aimed)
         pid = children[0].pid

@@ -1,4 +1,4 @@
-"""Benchmark 8: the remote mirror: steps/s with it on and off, commit -> remote-valid, restore.
+"""Benchmark 9: the remote mirror: steps/s with it on and off, commit -> remote-valid, restore.
 
 S3 is SeaweedFS on loopback (``tests/support/seaweed.py``), started by the bench on
 this same machine: the server's CPU is taken from the run it serves, which a
@@ -102,7 +102,7 @@ def _prefix() -> str:
 
 
 def run(ws: Workspace, sizes: Sizes) -> Section:
-    section = Section("mirror", "8 remote mirror")
+    section = Section("mirror", "9 remote mirror")
     with running_seaweed(ws.fresh("s3")) as server:
         records = _throughput(ws, sizes, server, section)
         _latency([r for r in records if r.system == "mirror"], section)

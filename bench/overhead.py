@@ -16,6 +16,7 @@ over the B runs. Supervisor start-up (imports) and exit are outside the window.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from bench.report import MISS, PASS, Section
 from bench.runs import RunRecord, run_job
 from tests.support.jobs import supervisor_argv, trainer_child_argv, write_job, write_yaml
 from tests.support.processes import Process
-from trainer_child.protocol import COMMIT_RECORD, CommitRecord, read_model
+from trainer_child.protocol import COMMIT_RECORD, CommitRecord, Layout, StandbyFile, read_model
 
 TARGET_OVERHEAD = 0.02
 #: Fewer pairs than this give a figure but no verdict.
@@ -47,6 +48,8 @@ TARGET_CPU = 0.01
 #: The row that carries the overhead verdict (``judge`` finds it by this name).
 VERDICT_ROW = "steps/s supervised / bare (median of each)"
 VERDICT_TARGET = "cost < 2%, and every A/B pair's ratio in 0.98..1.02"
+#: The same verdict for the supervisor with an idle warm standby beside the child.
+STANDBY_ROW = "steps/s supervised with idle standby / bare (median of each)"
 
 
 def verdict(pair_ratios: Sequence[float], rate_ratio: float) -> tuple[bool | None, str]:
@@ -71,15 +74,17 @@ def verdict(pair_ratios: Sequence[float], rate_ratio: float) -> tuple[bool | Non
     return True, ""
 
 
-def judge(section: Section, pair_ratios: Sequence[float], rate_ratio: float) -> None:
-    """Set the verdict of ``VERDICT_ROW`` (and say why it is not PASS) from the pairs."""
+def judge(
+    section: Section, pair_ratios: Sequence[float], rate_ratio: float, row: str = VERDICT_ROW
+) -> None:
+    """Set the verdict of ``row`` (and say why it is not PASS) from the pairs."""
     ok, why = verdict(pair_ratios, rate_ratio)
-    for row in section.rows:
-        if row.metric == VERDICT_ROW:
-            row.target = VERDICT_TARGET
-            row.verdict = "n/a" if ok is None else (PASS if ok else MISS)
+    for found in section.rows:
+        if found.metric == row:
+            found.target = VERDICT_TARGET
+            found.verdict = "n/a" if ok is None else (PASS if ok else MISS)
     if why:
-        section.notes.append(f"verdict {'n/a' if ok is None else MISS}: {why}.")
+        section.notes.append(f"verdict {'n/a' if ok is None else MISS} ({row}): {why}.")
 
 
 @dataclass
@@ -101,6 +106,33 @@ def steady_rate(record: RunRecord, steps: int) -> float:
     if beat is None or "first_step" not in beat.marks or "train_end" not in beat.marks:
         return float("nan")
     return (steps - 1) / (beat.marks["train_end"] - beat.marks["first_step"])
+
+
+def ready_step(record: RunRecord) -> int | None:
+    """The step the child was at when its standby said it was ready (it idles from then on)."""
+    standby = read_model(Layout(record.output_dir).standby, StandbyFile)
+    child = record.last_beat()
+    if standby is None or standby.state != "ready" or child is None:
+        return None
+    after = [step for wall, step in record.history.get(child.pid, []) if wall >= standby.wall_time]
+    return min(after) if after else None
+
+
+def rate_from(record: RunRecord, steps: int, step: int) -> float:
+    """Steps per second from the first heartbeat at ``step`` or later to the loop's end.
+
+    From step 1 or before, that is the steady rate (first_step..train_end marks).
+    """
+    beat = record.last_beat()
+    if beat is None or "train_end" not in beat.marks:
+        return float("nan")
+    if step <= 1:
+        return steady_rate(record, steps)
+    points = [(wall, s) for wall, s in record.history.get(beat.pid, []) if s >= step]
+    if not points:
+        return float("nan")
+    wall, first = min(points)
+    return (steps - first) / (beat.marks["train_end"] - wall)
 
 
 def cold_start(record: RunRecord) -> float:
@@ -145,8 +177,18 @@ def run(ws: Workspace, sizes: Sizes) -> tuple[Section, Section, Calibration, lis
                 footprint=True,
             )
         )
+        folder = ws.fresh(f"overhead-standby-{index}")
+        config = write_yaml(
+            folder / "job.yaml",
+            train_config(folder / "out", fields, restart={"standby": "auto"}),
+        )
+        proc = Process(supervisor_argv(config), ws.env, folder / "supervisor.log")
+        records.append(
+            run_job(proc, folder / "out", label=f"standby-{index}", system="standby", cap=1800)
+        )
     bare = [r for r in records if r.system == "bare"]
     supervised = [r for r in records if r.system == "trainwarden"]
+    with_standby = [r for r in records if r.system == "standby"]
     failed = [r.label for r in records if not r.finished]
     if failed:
         overhead.error = f"runs did not finish: {', '.join(failed)}"
@@ -168,6 +210,30 @@ def run(ws: Workspace, sizes: Sizes) -> tuple[Section, Section, Calibration, lis
         "same, best run of each (least disturbed by other load)",
         f"{best:.4f} ({(1 - best) * 100:+.2f}% cost)",
     )
+    # The standby prepares during the first seconds of training, then idles:
+    # judged from the step it was ready at, against the bare run over the same steps.
+    froms = [ready_step(r) for r in with_standby]
+    standby_rates = [
+        rate_from(r, steps, f) if f is not None else math.nan
+        for r, f in zip(with_standby, froms, strict=True)
+    ]
+    matched = [
+        rate_from(b, steps, f) if f is not None else math.nan
+        for b, f in zip(bare, froms, strict=True)
+    ]
+    standby_pairs = [ratio(w, b) for w, b in zip(standby_rates, matched, strict=True)]
+    standby_ratio = ratio(median(standby_rates), median(matched))
+    overhead.add(
+        f"supervised with an idle warm standby, steps/s once it was ready (n={len(with_standby)})",
+        f"{median(standby_rates):.2f} (bare over the same steps {median(matched):.2f}; "
+        f"ready at step {', '.join(str(f) for f in froms)})",
+    )
+    overhead.add(STANDBY_ROW, f"{standby_ratio:.4f} ({(1 - standby_ratio) * 100:+.2f}% cost)")
+    judge(overhead, standby_pairs, standby_ratio, row=STANDBY_ROW)
+    overhead.add(
+        "same, median of the A/B pairs' ratios (standby)",
+        f"{median(standby_pairs):.4f} (each: {', '.join(f'{r:.3f}' for r in standby_pairs)})",
+    )
     bare_wall = median(r.wall for r in bare)
     sup_wall = median(r.wall for r in supervised)
     overhead.add(
@@ -176,7 +242,9 @@ def run(ws: Workspace, sizes: Sizes) -> tuple[Section, Section, Calibration, lis
     )
     overhead.notes.append(
         f"job: built-in tiny SFT+LoRA, {steps} steps, save every {steps // 5} (commit records on), "
-        f"1 thread; runs interleaved A B A B ({sizes.overhead_pairs} pairs). steps/s is the "
+        f"1 thread; runs interleaved A B C A B C ({sizes.overhead_pairs} rounds; C = "
+        "supervised with restart.standby auto: a standby prepares at nice 19 beside the "
+        "child, then waits idle in recvmsg). steps/s is the "
         "child's steady state (first_step..train_end marks); wall includes start-up "
         "(supervisor import, child imports)."
     )
@@ -186,6 +254,9 @@ def run(ws: Workspace, sizes: Sizes) -> tuple[Section, Section, Calibration, lis
         supervised_steps_per_s=sup_rates,
         pair_ratios=pair_ratios,
         ratio=rate_ratio,
+        standby_steps_per_s=standby_rates,
+        standby_pair_ratios=standby_pairs,
+        standby_ratio=standby_ratio,
         bare_wall_s=[r.wall for r in bare],
         supervised_wall_s=[r.wall for r in supervised],
     )

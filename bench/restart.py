@@ -58,6 +58,8 @@ class Startup:
     attempt: int
     segments: dict[str, float]
     total: float
+    #: "warm" when a standby took the attempt (journal ``child_started``), else "cold".
+    start: str = "cold"
 
 
 def _events(record: RunRecord, name: str) -> list[dict[str, Any]]:
@@ -112,7 +114,8 @@ def startups(record: RunRecord) -> tuple[Startup | None, list[Startup]]:
             "spawn": child["ts"] - launch["ts"],
             **segments,
         }
-        restarts.append(Startup(record.label, attempt, segments, first - kill.ts))
+        start = str(child.get("start", "cold"))
+        restarts.append(Startup(record.label, attempt, segments, first - kill.ts, start))
     return cold, restarts
 
 
@@ -127,7 +130,8 @@ def analyse(runs: Sequence[RunRecord]) -> Section:
         if cold is not None:
             colds[record.label] = cold
         restarts += found
-    paired = [r for r in restarts if r.run in colds]
+    warm = [r for r in restarts if r.run in colds and r.start == "warm"]
+    paired = [r for r in restarts if r.run in colds and r.start != "warm"]
     if not paired:
         section.error = "no restart reached its first step (no supervised run with kills?)"
         return section
@@ -160,6 +164,8 @@ def analyse(runs: Sequence[RunRecord]) -> Section:
     half = (len(split) + 1) // 2
     section.add("split, restart (cold)", ", ".join(split[:half]))
     section.add("", ", ".join(split[half:]))
+    if warm:
+        _warm_rows(section, warm, colds)
     section.notes.append(
         "restart and cold-start samples come from the supervised goodput and save-interval "
         "runs (kills at random points, some mid-save); each restart is paired with the cold "
@@ -176,6 +182,18 @@ def analyse(runs: Sequence[RunRecord]) -> Section:
         ratio_to_cold=ratios,
     )
     return section
+
+
+def _warm_rows(section: Section, warm: list[Startup], colds: dict[str, Startup]) -> None:
+    """The restarts a warm standby took (the standby arms of the goodput benchmark)."""
+    totals = [r.total - r.segments["backoff"] for r in warm]
+    ratios = [ratio(t, colds[r.run].total) for t, r in zip(totals, warm, strict=True)]
+    section.add(
+        f"warm standby: kill -> first step, backoff excluded (n={len(warm)})",
+        f"{fmt_seconds(median(totals))} = {median(ratios):.2f} x its run's cold start",
+    )
+    split = [f"{name} {_short(median(r.segments[name] for r in warm))}" for name in SEGMENTS]
+    section.add("split, warm restart", ", ".join(split))
 
 
 def _cold_names() -> set[str]:

@@ -65,6 +65,8 @@ class RunRecord:
     events: list[dict[str, Any]] = field(default_factory=list)
     footprint: Footprint | None = None
     window: dict[str, Any] = field(default_factory=dict)
+    #: (wall_time, step) of every heartbeat seen, per child pid.
+    history: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
 
     @property
     def wall(self) -> float:
@@ -215,6 +217,7 @@ def run_job(
         events=events(output_dir),
         footprint=usage,
         window=window_data,
+        history={pid: list(points) for pid, points in recorder.history.items()},
     )
 
 

@@ -63,6 +63,11 @@ class RestartConfig(_Section):
     backoff_initial: Duration = 5.0
     backoff_max: Duration = 300.0
     no_progress_limit: int = Field(default=3, ge=1)
+    #: Keep a warm standby child, so a restart skips imports and the model load
+    #: (auto: while host memory comfortably holds one; docs/architecture.md).
+    standby: Literal["auto", "off"] = "auto"
+    #: The first failure after progress restarts at once; repeated ones back off.
+    first_failure: Literal["immediate", "backoff"] = "immediate"
 
     @model_validator(mode="after")
     def _ordered(self) -> RestartConfig:
@@ -277,6 +282,7 @@ class Config(_Section):
             window=self.restart.window,
             backoff_initial=self.restart.backoff_initial,
             backoff_max=self.restart.backoff_max,
+            first_failure_at_once=self.restart.first_failure == "immediate",
             no_progress_limit=self.restart.no_progress_limit,
             keep_last=self.retention.keep_last,
             keep_best=self.retention.keep_best,

@@ -71,6 +71,7 @@ from supervisor.shell.mirror.worker import MirrorEvent
 from supervisor.shell.observe import Observer, RunObserver, RunView
 from supervisor.shell.procs import Peers, ProcPeers
 from supervisor.shell.rundir import FileRunDir, RunDir
+from supervisor.shell.standby import WarmLauncher
 from supervisor.shell.store import CheckpointStore, FileCheckpointStore
 from supervisor.shell.systemd import NOTIFY_ENV_VARS, Notifier, SystemdNotifier
 from supervisor.shell.watcher import CheckpointWatcher, WatcherFactory
@@ -149,10 +150,14 @@ class Shell:
 def default_shell(config: Config) -> Shell:
     """The real shell for a config: processes, files, statvfs, inotify, sd_notify."""
     layout = Layout(config.output_dir)
+    processes = ProcessLauncher(
+        linger=config.preemption.grace, marker=JobMarker(ENV_OUTPUT_DIR, str(config.output_dir))
+    )
+    launcher: Launcher = processes
+    if config.restart.standby == "auto":
+        launcher = WarmLauncher(processes, layout)
     return Shell(
-        launcher=ProcessLauncher(
-            linger=config.preemption.grace, marker=JobMarker(ENV_OUTPUT_DIR, str(config.output_dir))
-        ),
+        launcher=launcher,
         store=FileCheckpointStore(config.output_dir, require_record=config.train is not None),
         journal=FileJournal(layout),
         disk=StatvfsDisk(config.output_dir),
@@ -485,7 +490,7 @@ class Supervisor:
                 freed = self.shell.store.empty_trash() + self.shell.store.purge_quarantine()
                 self._record("space_freed", {"bytes": freed, "reason": action.reason})
         elif isinstance(action, Record):
-            self._record(action.event, action.fields)
+            self._record(action.event, action.fields, action.attempt)
         elif isinstance(action, Persist):
             self.shell.journal.write_state(self._state_file())
             self._mirror.persisted()
@@ -498,11 +503,12 @@ class Supervisor:
             log.info("supervisor_exit", code=action.code, reason=action.reason)
         return []
 
-    def _record(self, event: str, fields: dict[str, object]) -> None:
-        self.shell.journal.append(event, self.state.attempt, **fields)
-        self.shell.observer.record(self.shell.wall(), event, self.state.attempt, fields)
+    def _record(self, event: str, fields: dict[str, object], attempt: int | None = None) -> None:
+        attempt = self.state.attempt if attempt is None else attempt
+        self.shell.journal.append(event, attempt, **fields)
+        self.shell.observer.record(self.shell.wall(), event, attempt, fields)
         failure = event in ("failure", "gave_up", "hang_detected")
-        (log.warning if failure else log.info)(event, attempt=self.state.attempt, **fields)
+        (log.warning if failure else log.info)(event, attempt=attempt, **fields)
 
     def _launch(self, action: Launch) -> list[Event]:
         if action.resume_from is not None:
@@ -541,7 +547,7 @@ class Supervisor:
         self._child_pids.add(handle_.pid)
         shell.heartbeat.reset(action.attempt, handle_.pid)
         shell.evidence.watch(handle_.pid)
-        return [ChildSpawned(action.attempt, handle_.pid)]
+        return [ChildSpawned(action.attempt, handle_.pid, handle_.start, handle_.start_note)]
 
     def _argv(self, action: Launch, resume_path: str) -> list[str]:
         if self.config.command is not None:

@@ -36,6 +36,7 @@ from trainer_child.protocol import (
     JournalEntry,
     Layout,
     RunStateFile,
+    StandbyFile,
     read_model,
 )
 
@@ -65,12 +66,7 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
     child_alive = _alive(state.child_pid if state else None)
 
     run_state = _run_state(layout, state, supervisor_alive=supervisor_alive)
-    eta = None
-    if beat is not None and beat.max_steps and beat.last_step_seconds and run_state != "completed":
-        eta = max(0, beat.max_steps - beat.step) * beat.last_step_seconds
-    steps_per_second = (
-        1.0 / beat.last_step_seconds if beat is not None and beat.last_step_seconds else None
-    )
+    eta, steps_per_second = _pace(beat, run_state)
     # The same samples the report draws from, so both tell the same loss.
     samples = [
         ProgressSample(line.wall_time, line.step, line.attempt)
@@ -107,6 +103,7 @@ def gather_status(output_dir: Path) -> dict[str, Any]:
         "disk_free_bytes": usage.f_bavail * usage.f_frsize,
         "disk_total_bytes": usage.f_blocks * usage.f_frsize,
         "save_interval_advice": _advice(output_dir, events, beat, rows),
+        "standby": _standby(layout, events, state),
         **_mirror(state),
     }
 
@@ -116,6 +113,32 @@ def _mirror(state: RunStateFile | None) -> dict[str, Any]:
     return {
         "mirror": state.mirror_status if state else None,
         "mirror_lag": state.mirror_lag if state else None,
+    }
+
+
+def _pace(beat: Heartbeat | None, run_state: str) -> tuple[float | None, float | None]:
+    """Seconds left at the last step's pace (while not complete), and steps per second."""
+    if beat is None or not beat.last_step_seconds:
+        return None, None
+    eta = None
+    if beat.max_steps and run_state != "completed":
+        eta = max(0, beat.max_steps - beat.step) * beat.last_step_seconds
+    return eta, 1.0 / beat.last_step_seconds
+
+
+def _standby(layout: Layout, events: list[Any], state: RunStateFile | None) -> dict[str, Any]:
+    """How the last attempt began (warm or cold, and why) and the standby kept now, if any."""
+    starts = [e for e in events if e.event == "child_started"]
+    extra = (starts[-1].model_extra or {}) if starts else {}
+    record = read_model(layout.standby, StandbyFile)
+    child = state.child_pid if state else None
+    idle = record is not None and record.pid != child and _alive(record.pid)
+    return {
+        "last_start": extra.get("start"),
+        "last_start_why": extra.get("why") or None,
+        "warm_starts": sum(1 for e in starts if (e.model_extra or {}).get("start") == "warm"),
+        "starts": len(starts),
+        "now": record.model_dump(mode="json") if idle and record is not None else None,
     }
 
 
@@ -277,6 +300,7 @@ def render_status(report: dict[str, Any], console: Console) -> None:
         table.add_row("last failure", f"{last['kind']} at step {last['step']}: {last['evidence']}")
     if report["gave_up"]:
         table.add_row("gave up", report["gave_up"])
+    _standby_rows(table, report["standby"])
     advice = report["save_interval_advice"]
     if advice:
         table.add_row(
@@ -287,6 +311,22 @@ def render_status(report: dict[str, Any], console: Console) -> None:
             f"{advice['step_seconds']}s)",
         )
     console.print(table)
+
+
+def _standby_rows(table: Table, standby: dict[str, Any]) -> None:
+    if standby["last_start"]:
+        why = standby["last_start_why"]
+        table.add_row(
+            "last start",
+            f"{standby['last_start']}"
+            + (f" ({why})" if why else "")
+            + f"; {standby['warm_starts']} of {standby['starts']} starts warm",
+        )
+    now = standby["now"]
+    if now:
+        size = _size(now["rss_bytes"]) if now.get("rss_bytes") else "?"
+        held = f", holds {now['preloaded']}" if now.get("preloaded") else ""
+        table.add_row("standby", f"{now['state']}, pid {now['pid']}, {size}{held}")
 
 
 def render_checkpoints(output_dir: Path, *, deep: bool, console: Console) -> None:

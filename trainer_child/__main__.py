@@ -44,6 +44,7 @@ from trainer_child.ranks import launched_rank
 
 if TYPE_CHECKING:
     from trainer_child.callback import WardenCallback
+    from trainer_child.job import Preloaded
 
 log = logging.getLogger("trainer_child")
 
@@ -118,7 +119,7 @@ class _Attempt:
         return exit_code_for(kind)
 
 
-def _train(job: JobFile, attempt: _Attempt) -> int:
+def _train(job: JobFile, attempt: _Attempt, preloaded: Preloaded | None) -> int:
     if attempt.resume_from is not None and not Path(attempt.resume_from).is_dir():
         raise ResumeError(f"checkpoint to resume from {attempt.resume_from!r} is not a folder")
     # The heavy imports (torch, transformers, trl, peft, datasets) start here.
@@ -126,7 +127,7 @@ def _train(job: JobFile, attempt: _Attempt) -> int:
     from trainer_child.job import build_trainer, save_final
 
     warden = attempt.warden = WardenCallback(final_save_follows=True)
-    trainer = build_trainer(job, [warden])
+    trainer = build_trainer(job, [warden], preloaded)
     log.info("training_start resume_from=%s attempt=%s", attempt.resume_from, attempt.attempt)
     # A resume at max_steps returns at once (the callback's train guard): the
     # loaded checkpoint's weights are final.
@@ -140,8 +141,11 @@ def _train(job: JobFile, attempt: _Attempt) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one attempt and return the exit status the contract assigns to its outcome."""
+def main(argv: list[str] | None = None, preloaded: Preloaded | None = None) -> int:
+    """Run one attempt and return the exit status the contract assigns to its outcome.
+
+    ``preloaded``: what a warm standby (``trainer_child/standby.py``) loaded for it.
+    """
     options = _parse_args(argv)
     # First of all, so even a hang inside `import torch` can be shown on SIGUSR1.
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             # (the supervisor has read it by now) would pin its failure on this one.
             attempt.layout.error.unlink(missing_ok=True)
         reserve.hold()
-        return _train(job, attempt)
+        return _train(job, attempt, preloaded)
     except SystemExit as exc:
         if exc.code == EXIT_PREEMPTED:
             return EXIT_PREEMPTED

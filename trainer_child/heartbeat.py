@@ -17,7 +17,7 @@ from pathlib import Path
 
 from trainer_child.protocol import ENV_ATTEMPT, Heartbeat, Layout, Phase, atomic_write_model
 
-__all__ = ["HeartbeatWriter", "attempt_from_env", "mark"]
+__all__ = ["HeartbeatWriter", "attempt_from_env", "forget_marks", "mark"]
 
 #: The contract allows at most one heartbeat a second, plus one at every phase change.
 MIN_INTERVAL_SECONDS = 1.0
@@ -33,6 +33,11 @@ def mark(name: str) -> None:
     their own writer. Costs a dict lookup; bench/ splits restart latency with it.
     """
     _MARKS.setdefault(name, time.time())
+
+
+def forget_marks() -> None:
+    """Drop every milestone: a warm standby becomes an attempt long after its own start-up."""
+    _MARKS.clear()
 
 
 def attempt_from_env() -> int | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import os
 import shutil
@@ -37,11 +38,13 @@ if TYPE_CHECKING:
     from trainer_child.callback import WardenCallback
 
 __all__ = [
+    "Preloaded",
     "build_lora_config",
     "build_sft_config",
     "build_trainer",
     "load_model_and_tokenizer",
     "load_train_dataset",
+    "preload",
     "resolve_model_path",
     "save_final",
 ]
@@ -266,10 +269,107 @@ def build_lora_config(spec: LoraSpec, model: Any) -> Any:
     )
 
 
-def build_trainer(job: JobFile, callbacks: Sequence[Any]) -> Any:
+#: ``model_init_kwargs`` that put the model on an accelerator as it loads (or need
+#: one to load at all): a standby must not touch CUDA before its attempt begins.
+DEVICE_KWARGS = ("device_map", "quantization_config", "tp_plan", "device_mesh")
+
+
+@dataclasses.dataclass
+class Preloaded:
+    """What a warm standby loaded before its attempt (``trainer_child/standby.py``).
+
+    Each part is handed out once, and only to an attempt that asks for exactly
+    what it was loaded from: the same model spec, ``model_init_kwargs`` and
+    ``trust_remote_code``, the same dataset spec and text field. Anything else
+    is loaded afresh, as in a cold start, so a mismatch costs time, never
+    correctness.
+    """
+
+    train: TrainSpec
+    model_settings: str
+    dataset: Any = None
+    model: Any = None
+    tokenizer: Any = None
+
+    def take_dataset(self, train: TrainSpec) -> Any:
+        """Return the preloaded dataset if ``train`` names the same one (once)."""
+        same = (train.dataset, train.dataset_split, train.text_field) == (
+            self.train.dataset,
+            self.train.dataset_split,
+            self.train.text_field,
+        )
+        dataset, self.dataset = self.dataset, None
+        return dataset if same else None
+
+    def take_model(self, train: TrainSpec, settings: str) -> tuple[Any, Any] | None:
+        """Return (model, tokenizer) if loaded from the same spec and settings (once)."""
+        model, tokenizer = self.model, self.tokenizer
+        self.model = self.tokenizer = None
+        if model is None or train.model != self.train.model or settings != self.model_settings:
+            return None
+        return model, tokenizer
+
+
+def _model_settings(init_kwargs: dict[str, Any], trust_remote_code: bool) -> str:
+    return json.dumps([init_kwargs, trust_remote_code], sort_keys=True, default=repr)
+
+
+def _fault_in(model: Any) -> None:
+    """Read every weight once, so the pages are in memory when the attempt begins.
+
+    ``from_pretrained`` maps safetensors files lazily: untouched, a standby's
+    model would still be on disk and the attempt would read it, page by page,
+    on its first forward pass. Reading is enough; no copy is made, so the pages
+    stay shared with the page cache (and with a child that maps the same file).
+    """
+    import torch
+
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.device.type == "cpu" and tensor.numel():
+                tensor.sum()
+
+
+def preload(job: JobFile) -> tuple[Preloaded, str]:
+    """Load what the job's attempts share (dataset, base model, tokenizer); say what was.
+
+    Runs in a standby before any attempt exists, so it never raises for the
+    job's own mistakes: whatever fails here is left to the attempt, which
+    reports it with the exit status the contract gives it. Nothing here may
+    initialise CUDA: the SFTConfig (whose defaults ask torch about the GPU) is
+    built on go, and a model placed on a device as it loads is not preloaded.
+    """
+    sft = dict(job.train.sft)
+    init_kwargs = sft.get("model_init_kwargs") or {}
+    trust = bool(sft.get("trust_remote_code", False))
+    settings = _model_settings(init_kwargs if isinstance(init_kwargs, dict) else {}, trust)
+    loaded = Preloaded(train=job.train, model_settings=settings)
+    held = []
+    try:
+        loaded.dataset = load_train_dataset(job.train)
+        held.append("dataset")
+    except Exception as exc:
+        log.warning("standby_preload_skipped part=dataset error=%r", exc)
+    if not isinstance(init_kwargs, dict) or any(k in init_kwargs for k in DEVICE_KWARGS):
+        return loaded, ", ".join(held) or "imports only"
+    try:
+        loaded.model, loaded.tokenizer = load_model_and_tokenizer(
+            job.train.model, init_kwargs, trust_remote_code=trust
+        )
+        _fault_in(loaded.model)
+        held += ["model", "tokenizer"]
+    except Exception as exc:
+        log.warning("standby_preload_skipped part=model error=%r", exc)
+    return loaded, ", ".join(held) or "imports only"
+
+
+def build_trainer(
+    job: JobFile, callbacks: Sequence[Any], preloaded: Preloaded | None = None
+) -> Any:
     """Return a ready SFTTrainer for ``job``: config first, then data, then the model.
 
     The cheap checks come first so a typo fails before a multi-GB model load.
+    ``preloaded`` (a warm standby's) stands in for the loads it matches.
     """
     from trl.trainer.sft_trainer import SFTTrainer
 
@@ -280,9 +380,13 @@ def build_trainer(job: JobFile, callbacks: Sequence[Any]) -> Any:
         # rank's half-built model folder could win the rename into the cache.
         resolve_model_path(job.train.model)
     config, model_init_kwargs = build_sft_config(job)
-    dataset = load_train_dataset(job.train)
+    dataset = preloaded.take_dataset(job.train) if preloaded is not None else None
+    if dataset is None:
+        dataset = load_train_dataset(job.train)
     mark("dataset")
-    model, tokenizer = load_model_and_tokenizer(
+    settings = _model_settings(model_init_kwargs, config.trust_remote_code)
+    warm = preloaded.take_model(job.train, settings) if preloaded is not None else None
+    model, tokenizer = warm or load_model_and_tokenizer(
         job.train.model, model_init_kwargs, trust_remote_code=config.trust_remote_code
     )
     mark("model")

@@ -49,6 +49,7 @@ __all__ = [
     "EXIT_PREEMPTED",
     "HOST_OOM_MARKERS",
     "SITE_DIR",
+    "STANDBY_MODULE",
     "TRAINER_STATE",
     "CommitRecord",
     "EntryKind",
@@ -65,6 +66,9 @@ __all__ = [
     "Overrides",
     "Phase",
     "RunStateFile",
+    "StandbyFile",
+    "StandbyGo",
+    "StandbyRecipe",
     "TrackingFile",
     "TrainSpec",
     "atomic_write_bytes",
@@ -101,6 +105,8 @@ ENV_GRAD_ACCUM = "TRAINWARDEN_GRADIENT_ACCUMULATION_STEPS"
 #: The run's tracking id (state.json ``tracking_run_id``), the same in every attempt;
 #: the child uses it as the default ``run_name`` so trackio resumes one run by name.
 ENV_TRACKING_RUN_ID = "TRAINWARDEN_TRACKING_RUN_ID"
+#: What the supervisor runs as a warm standby: ``python -m trainer_child.standby``.
+STANDBY_MODULE = "trainer_child.standby"
 
 # --- exit codes --------------------------------------------------------------------
 
@@ -223,6 +229,8 @@ class Layout:
         self.job = self.warden / "job.json"
         self.metrics = self.warden / "metrics.jsonl"
         self.tracking = self.warden / "tracking.json"
+        self.standby = self.warden / "standby.json"
+        self.standby_log = self.logs / "standby.log"
         self.final = self.output_dir / "final"
 
     def checkpoint(self, step: int) -> Path:
@@ -485,6 +493,58 @@ class JournalEntry(_Model):
     event: str
     attempt: int
     kind: str | None = None
+
+
+class StandbyRecipe(_Model):
+    """What a warm standby prepares: the first message on its socket (``restart.standby``).
+
+    ``builtin``: the built-in job (``job`` set); it imports and loads the base
+    model, tokenizer and dataset. ``module``/``script``: a ``command:`` job's
+    ``python -m target`` or ``python target``; it imports the heavy libraries.
+    """
+
+    format: Literal["trainwarden.standby/1"] = "trainwarden.standby/1"
+    kind: Literal["builtin", "module", "script"]
+    target: str = ""
+    job: JobFile | None = None
+    output_dir: str
+    #: Digest of everything the preparation depended on; shown in standby.json.
+    key: str
+    #: For ``module``/``script``: the modules to import ahead; None = torch,
+    #: transformers, peft, datasets, accelerate and trl.
+    imports: tuple[str, ...] | None = None
+
+
+class StandbyGo(_Model):
+    """The attempt a standby becomes: the second message, sent with the log and lock fds.
+
+    ``args`` are what follows the module or script in the command (empty for the
+    built-in job, which reads ``argv`` like ``python -m trainer_child``).
+    """
+
+    argv: tuple[str, ...]
+    args: tuple[str, ...] = ()
+    env: dict[str, str]
+    cwd: str
+    attempt: int
+
+
+class StandbyFile(_Model):
+    """``.warden/standby.json``: the standby's own account of itself, for ``status``."""
+
+    pid: int
+    state: Literal["preparing", "ready", "failed"]
+    kind: str
+    target: str = ""
+    key: str = ""
+    #: What it holds beyond imports, e.g. "model, tokenizer, dataset".
+    preloaded: str = ""
+    rss_bytes: int | None = None
+    prepare_seconds: float | None = None
+    #: Scheduling it waits at ("nice 19", or why it could not lower its priority).
+    priority: str = ""
+    reason: str = ""
+    wall_time: float = 0.0
 
 
 # --- I/O helpers shared by both sides ------------------------------------------------

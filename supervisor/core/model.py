@@ -208,6 +208,9 @@ class PreviousRun:
 class ChildSpawned:
     attempt: int
     pid: int
+    #: "cold" (a new process) or "warm" (a standby took the attempt), and why.
+    start: str = "cold"
+    start_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -328,6 +331,9 @@ class Record:
 
     event: str
     fields: dict[str, object] = field(default_factory=dict)
+    #: The attempt it is about, when the state has moved on to the next one by
+    #: the time it is executed (a failure followed at once by its restart).
+    attempt: int | None = None
 
 
 @dataclass(frozen=True)
@@ -386,6 +392,9 @@ class PolicyConfig:
     window: float
     backoff_initial: float
     backoff_max: float
+    #: The first failure after progress (the first of its streak) restarts at
+    #: once; only repeated failures without progress back off.
+    first_failure_at_once: bool
     no_progress_limit: int
     keep_last: int
     keep_best: bool

@@ -306,7 +306,8 @@ def _on_spawned(state: State, event: ChildSpawned, now: float) -> Decision:
     resume = _newest_valid(state)
     child = Child(pid=event.pid, attempt=event.attempt, resume_from=resume, started_at=now)
     state = replace(state, child=child, launching=None)
-    return state, [Record("child_started", {"pid": event.pid}), Persist()]
+    fields = {"pid": event.pid, "start": event.start, "why": event.start_note}
+    return state, [Record("child_started", fields), Persist()]
 
 
 def _on_spawn_failed(state: State, event: SpawnFailed, now: float) -> Decision:
@@ -514,13 +515,38 @@ def _budget_spent(state: State, failure: Failure, now: float) -> GiveUp | None:
 def _back_off(
     state: State, kind: FailureKind, jitter: float, now: float, prior: list[Action]
 ) -> Decision:
+    """Pause before the next attempt; or, for the first failure since progress, restart now.
+
+    A failure after new progress is most often a one-off (a kill, a lost node,
+    a flaky read): every second of backoff is lost training, and with a warm
+    standby the restart itself costs well under one (bench/, "warm standby":
+    goodput measured both ways). A second failure without progress in between
+    is not a one-off: it backs off, from ``backoff_initial`` on.
+    """
     config = state.config
-    delay = backoff_delay(state.streak.failures, config.backoff_initial, config.backoff_max, jitter)
+    failures = state.streak.failures
+    if config.first_failure_at_once:
+        if failures <= 1:
+            why = Record("backoff", {"seconds": 0.0, "why": "first failure since progress"})
+            # Executed once the state names the next attempt: keep them on this one.
+            ours = [_about(a, state.attempt) for a in (*prior, why)]
+            saying = Status(f"restarting at once after {kind.value}")
+            state, launch = _launch(state, now, counted=True)
+            return state, [*ours, saying, *launch]
+        failures -= 1
+    delay = backoff_delay(failures, config.backoff_initial, config.backoff_max, jitter)
     text = f"backing off {delay:.0f}s after {kind.value}"
     state = replace(
         state, mode=Mode.BACKOFF, backoff=Backoff(until=now + delay), status=text, heartbeat=None
     )
     return state, [*prior, Record("backoff", {"seconds": round(delay, 3)}), Status(text), Persist()]
+
+
+def _about(action: Action, attempt: int) -> Action:
+    """Pin a journal record to ``attempt`` (see ``Record.attempt``)."""
+    if isinstance(action, Record) and action.attempt is None:
+        return replace(action, attempt=attempt)
+    return action
 
 
 # --- remedies: one per failure kind ------------------------------------------------------

@@ -83,11 +83,17 @@ _MARKER_RE = re.compile(rb"^\[trainwarden: (\d+) bytes truncated\]\n")
 
 @dataclass(frozen=True)
 class ChildHandle:
-    """A spawned child: its pid (also its process-group id) and monotonic start time."""
+    """A spawned child: its pid (also its process-group id) and monotonic start time.
+
+    ``start`` says how it began: ``cold`` (a new process) or ``warm`` (a
+    standby took the attempt, ``shell/standby.py``); ``start_note`` says why.
+    """
 
     pid: int
     started_at: float
     log_path: Path
+    start: str = "cold"
+    start_note: str = ""
 
 
 class Launcher(Protocol):
@@ -231,12 +237,24 @@ class JobScan:
         self._proc_root = proc_root
         self._lock = threading.Lock()
         self._verdicts: dict[tuple[int, bytes, bytes], bool] = {}
+        #: Process groups that carry the marker but are not the job (an idle standby).
+        self._spared: set[int] = set()
         self._needle = f"{marker.name}=".encode() if marker else b""
         self._target = os.path.realpath(marker.value) if marker else ""
 
+    def spare(self, pgid: int, spared: bool = True) -> None:
+        """Leave group ``pgid`` out of the job (or take it back): it is marked, but not the job's.
+
+        A spared group's own members are still its members; no other group's are.
+        """
+        with self._lock:
+            (self._spared.add if spared else self._spared.discard)(pgid)
+
     def members(self, pgid: int | None) -> list[int]:
         """List the live (non-zombie) processes in group ``pgid`` or carrying the marker."""
-        if self.marker is None:
+        with self._lock:
+            alone = pgid is not None and pgid in self._spared
+        if self.marker is None or alone:
             return live_group_members(pgid, self._proc_root) if pgid is not None else []
         own = os.getpid()
         found: list[int] = []
@@ -257,7 +275,7 @@ class JobScan:
                 if marked is None:
                     marked = self._carries_marker(pid)
                 verdicts[key] = marked
-                if pgrp == pgid or marked:
+                if pgrp == pgid or (marked and pgrp not in self._spared):
                     found.append(pid)
             self._verdicts = verdicts
         return found
@@ -386,11 +404,13 @@ class ProcessLauncher:
         log_path: Path,
         pass_fds: Sequence[int],
         on_exit: ExitCallback,
+        spared: bool = False,
     ) -> ChildHandle:
         """Start ``argv`` as a session leader writing to ``log_path``; raise OSError on failure.
 
         ``pass_fds`` stay open in the child on purpose: the run lock's descriptor is
-        among them, so an orphaned child keeps the output_dir locked.
+        among them, so an orphaned child keeps the output_dir locked. ``spared``:
+        start it spared (see ``spare``) before its exit can be waited for.
         """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
@@ -417,6 +437,8 @@ class ProcessLauncher:
             daemon=True,
         )
         child = _Child(proc=proc, waiter=waiter)
+        if spared:
+            self._scan.spare(proc.pid)
         with self._lock:
             self._children[proc.pid] = child
             self._threads.append(waiter)
@@ -547,6 +569,15 @@ class ProcessLauncher:
     def job_processes(self, pid: int | None) -> list[int]:
         """List the live processes of the job led by ``pid``: its group and every marked one."""
         return self._scan.members(pid)
+
+    def spare(self, pgid: int, spared: bool = True) -> None:
+        """Keep group ``pgid`` out of every job's members, signals and waits (or stop doing so).
+
+        For a process that carries the job's marker without being the job: the
+        warm standby, until it takes an attempt. Signals and waits aimed at the
+        spared group itself reach only that group.
+        """
+        self._scan.spare(pgid, spared)
 
     def running(self) -> list[int]:
         """List the children whose exit has not been reported yet."""

@@ -99,6 +99,9 @@ class FakeLauncher:
         #: Processes of the job outside any child's group (ranks whose agent died).
         self.strays: set[int] = set()
         self.closed = False
+        #: ``(start, start_note)`` of the handles it returns ("warm": as if a
+        #: standby had taken the attempt, see shell/standby.py).
+        self.start_as = ("cold", "")
 
     def spawn(
         self,
@@ -122,7 +125,10 @@ class FakeLauncher:
             )
         )
         self.alive.add(pid)
-        return ChildHandle(pid=pid, started_at=self._clock(), log_path=log_path)
+        start, note = self.start_as
+        return ChildHandle(
+            pid=pid, started_at=self._clock(), log_path=log_path, start=start, start_note=note
+        )
 
     def exit(self, pid: int, returncode: int) -> None:
         """Make child ``pid`` exit now, calling its ``on_exit`` as the waiter thread would."""

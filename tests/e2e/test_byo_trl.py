@@ -39,6 +39,7 @@ from trainer_child.protocol import (
     ErrorReport,
     Phase,
     RunStateFile,
+    StandbyFile,
     read_model,
 )
 
@@ -171,6 +172,45 @@ def test_trl_sft_survives_sigkills_and_ends_bit_identical(
     assert any(e["step"] == int(mid_save[0].name.split("-")[1]) for e in quarantined), quarantined
     assert_finished_like_reference(job, reference)
     assert_every_checkpoint_committed(job)
+
+
+def test_trl_sft_restarts_warm_in_a_standby_and_ends_bit_identical(
+    tmp_path: Path, tiny_model: Path, jsonl_data: Path, env: dict[str, str], reference: Path
+) -> None:
+    """restart.standby auto: a kill once the standby is ready restarts warm, in-process (runpy)."""
+    job = trl_job(
+        tmp_path,
+        tiny_model,
+        jsonl_data,
+        # Slow steps (numerics untouched) keep it training while the standby imports.
+        env={"TRAINWARDEN_FAILPOINTS": "slow_step@seconds=1.5"},
+        restart={"standby": "auto"},
+    )
+    with supervisor_process(job, env) as supervisor:
+
+        def ready_standby() -> int | None:
+            record = read_model(job.layout.standby, StandbyFile)
+            child = child_of_attempt(job, 1)
+            if record is None or record.state != "ready" or record.pid == child:
+                return None
+            return record.pid if not _zombie(record.pid) else None
+
+        standby = wait_for(ready_standby, 240)
+        victim = child_of_attempt(job, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: child_of_attempt(job, 2), 60) == standby
+        code = supervisor.wait(400)
+        log = supervisor.log()
+
+    assert code == 0, log
+    journal = events(job.layout)
+    started = [e for e in journal if e["event"] == "child_started"]
+    assert [e["start"] for e in started] == ["cold", "warm"], started
+    assert "python -m trl.scripts.sft" in started[1]["why"]
+    assert_finished_like_reference(job, reference)
+    assert_every_checkpoint_committed(job)
+    assert status_json(job, env)["standby"]["last_start"] == "warm"
 
 
 def _zombie(pid: int) -> bool:

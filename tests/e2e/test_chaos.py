@@ -30,6 +30,7 @@ from trainer_child.protocol import (
     COMMIT_RECORD,
     CommitRecord,
     Layout,
+    RunStateFile,
     checkpoint_step,
     read_model,
 )
@@ -184,15 +185,18 @@ class Chaos:
         return False
 
     def _next_child(self) -> int | None:
+        """The attempt's child, as state.json names it: a warm standby is a child too."""
         killed = {k.pid for k in self.kills}
         found: list[int] = []
 
         def child() -> bool:
+            state = read_model(self.layout.state, RunStateFile)
+            pid = state.child_pid if state is not None else None
             try:
-                children = psutil.Process(self.supervisor.pid).children()
+                children = {c.pid for c in psutil.Process(self.supervisor.pid).children()}
             except psutil.NoSuchProcess:
                 return False
-            found[:] = [c.pid for c in children if c.pid not in killed and not _dead(c.pid)]
+            found[:] = [pid] if pid in children and pid not in killed and not _dead(pid) else []
             return bool(found)
 
         return found[0] if self._wait(child, 120) else None
@@ -239,6 +243,30 @@ def test_chaos_sigkills_recover_bit_identical(
     tmp_path: Path, env: dict[str, str], reference_final: Callable[..., Path]
 ) -> None:
     """Ten seeded SIGKILLs (3+ mid-save) end in a final adapter equal to the reference's."""
+    journal = _chaos(tmp_path, env, reference_final, standby="off")
+    assert {e["start"] for e in journal if e["event"] == "child_started"} == {"cold"}
+
+
+def test_chaos_with_a_warm_standby_recovers_bit_identical(
+    tmp_path: Path, env: dict[str, str], reference_final: Callable[..., Path]
+) -> None:
+    """The same seeded SIGKILLs, restarts taken by warm standbys: still bit-identical."""
+    journal = _chaos(tmp_path, env, reference_final, standby="auto")
+    starts = [e for e in journal if e["event"] == "child_started"]
+    warm = [e for e in starts if e["start"] == "warm"]
+    print(f"warm starts: {len(warm)} of {len(starts)}: {[e.get('why') for e in starts]}")
+    assert starts[0]["start"] == "cold"
+    assert len(warm) >= len(starts) // 2, starts
+
+
+def _chaos(
+    tmp_path: Path,
+    env: dict[str, str],
+    reference_final: Callable[..., Path],
+    *,
+    standby: str,
+) -> list[dict[str, Any]]:
+    """Run the seeded chaos schedule; check every launch and the result; return the journal."""
     # The reference run needs no supervisor: let it use the other core meanwhile.
     reference: list[Path] = []
     reference_thread = _Worker("reference-run", lambda: reference.append(reference_final(**SFT)))
@@ -254,6 +282,7 @@ def test_chaos_sigkills_recover_bit_identical(
             "backoff_max": "0.3s",
             # Kills on purpose land before any new commit; that is not a stuck job.
             "no_progress_limit": 30,
+            "standby": standby,
         },
     )
     layout = job.layout
@@ -322,3 +351,4 @@ def test_chaos_sigkills_recover_bit_identical(
 
     assert reference, "the reference run produced nothing"
     assert_bit_identical(layout.final, reference[0])
+    return journal

@@ -28,7 +28,7 @@ import pytest
 
 from supervisor.shell.oom import cgroup_of
 from tests.support.capabilities import require
-from tests.support.jobs import STANDARD_SFT, trainer_child_argv, write_config
+from tests.support.jobs import FAST_RESTART, STANDARD_SFT, trainer_child_argv, write_config
 from tests.support.outputs import events, heartbeat, max_abs_diff
 from tests.support.processes import REPO_ROOT, Process, wait_for
 from tests.support.supervised import supervisor_process
@@ -156,14 +156,23 @@ def _records(output_dir: Path) -> dict[str, CommitRecord]:
 
 @pytest.mark.system
 @pytest.mark.serial
+@pytest.mark.parametrize("standby", ["off", "auto"])
 def test_kernel_oom_kill_is_host_oom_and_halves_the_micro_batch(
     tmp_path: Path,
     env: dict[str, str],
     memory_cgroup: Path,
     no_dropout_reference: BackgroundReference,
+    standby: str,
 ) -> None:
-    """A real cgroup OOM kill is host_oom by the cgroup counter; the halved retry completes."""
-    job = write_config(tmp_path, train=NO_DROPOUT_TRAIN)
+    """A real cgroup OOM kill is host_oom by the cgroup counter; the halved retry completes.
+
+    With ``standby: auto`` the halved attempt still starts cold: inside the small
+    cgroup no standby fits (auto's memory rule), and one prepared for the old
+    micro-batch would not match the new key.
+    """
+    job = write_config(
+        tmp_path, train=NO_DROPOUT_TRAIN, restart={**FAST_RESTART, "standby": standby}
+    )
     # The supervisor starts inside the limited cgroup, so its first child is born
     # there (and OomWatch's snapshot at spawn sees that cgroup's counter); as soon
     # as the child's first heartbeat names it, the supervisor is moved back out,
@@ -196,6 +205,13 @@ def test_kernel_oom_kill_is_host_oom_and_halves_the_micro_batch(
     launches = [e for e in journal if e["event"] == "launch"]
     assert len(launches) == 2
     assert {k: launches[1][k] for k in HALVED} == HALVED
+    started = [e for e in journal if e["event"] == "child_started"]
+    assert [e["start"] for e in started] == ["cold", "cold"], started
+    if standby == "auto":
+        # Born in the 192 MiB cgroup, the supervisor kept no standby (auto's memory
+        # rule); had it kept one, it would have been for the old micro-batch.
+        why = started[1]["why"]
+        assert "MiB of host memory available" in why or "other settings" in why, started
 
     report = _status_json(job.output_dir, env)
     assert report["restarts_by_kind"] == {"host_oom": 1}, report

@@ -310,6 +310,28 @@ def test_the_observer_hears_every_record_and_names_the_tracking_run() -> None:
     assert observer.closed
 
 
+def test_child_started_journals_how_the_launcher_started_the_child() -> None:
+    """A warm start reported by the launcher (a standby took the attempt) reaches the journal."""
+    rig: Rig
+
+    def crash_after_commit(spawn: FakeSpawn) -> int:
+        rig.store.put(complete(4))
+        rig.launcher.start_as = ("warm", "standby 10001 (the built-in job), ready")
+        return 1
+
+    def finish(spawn: FakeSpawn) -> int:
+        rig.store.final_complete = True
+        return 0
+
+    rig = make_rig([crash_after_commit, finish])
+    assert rig.supervisor.run() == 0
+    started = rig.events("child_started")
+    assert [(e["start"], e["why"]) for e in started] == [
+        ("cold", ""),
+        ("warm", "standby 10001 (the built-in job), ready"),
+    ]
+
+
 def test_notifier_ready_before_first_spawn_then_status() -> None:
     """READY=1 precedes the first spawn; STATUS= follows the run; STOPPING=1 ends it."""
     rig: Rig
@@ -329,7 +351,8 @@ def test_notifier_ready_before_first_spawn_then_status() -> None:
     assert at_first_spawn[0].startswith("READY=1\n")
     statuses = rig.notifier.statuses
     assert "attempt 1: starting from scratch" in statuses
-    assert any(s.startswith("backing off") and "crash" in s for s in statuses), statuses
+    # The first failure since progress restarts at once (restart.first_failure).
+    assert any(s.startswith("restarting at once") and "crash" in s for s in statuses), statuses
     assert statuses[-1].startswith("complete:"), statuses
     assert rig.notifier.messages[-1] == "STOPPING=1"
     assert sum(m.startswith("READY=1") for m in rig.notifier.messages) == 1

@@ -60,6 +60,7 @@ CONFIG = PolicyConfig(
     window=3600,
     backoff_initial=1,
     backoff_max=8,
+    first_failure_at_once=False,
     no_progress_limit=3,
     keep_last=2,
     keep_best=True,
@@ -395,6 +396,38 @@ def test_progress_resets_the_failure_streak() -> None:
     run.exit(1)
     assert run.state.backoff is not None
     assert run.state.backoff.until == pytest.approx(run.now + 1)
+
+
+def test_first_failure_since_progress_restarts_at_once_then_backs_off() -> None:
+    """first_failure_at_once: no backoff after progress; a repeat without progress backs off."""
+    run = Run(dataclasses.replace(CONFIG, first_failure_at_once=True, no_progress_limit=10))
+    run.start()
+    run.feed(InventoryChanged(inv(ckpt(2))))
+    actions = run.exit(1)
+    assert launches(actions) == [Launch(2, 2, Overrides())]
+    assert run.state.mode is Mode.RUNNING
+    pinned = {a.event: a.attempt for a in actions if isinstance(a, Record)}
+    assert pinned["failure"] == 1, "the failure belongs to the attempt that failed"
+    assert pinned["backoff"] == 1
+    assert pinned["launch"] is None
+    assert len(run.state.restart_times) == 1, "an immediate restart still counts"
+    run.exit(1, jitter=0.5)
+    backoff = run.state.backoff
+    assert backoff is not None, "a second failure without progress backs off"
+    assert backoff.until - run.now == pytest.approx(CONFIG.backoff_initial)
+    run.after_backoff()
+    run.feed(InventoryChanged(inv(ckpt(2), ckpt(4))))
+    assert launches(run.exit(1))[0].resume_from == 4
+
+
+def test_child_started_says_how_the_child_began() -> None:
+    """A warm start (a standby took the attempt) and its reason reach the journal."""
+    state, actions = decide(State(config=CONFIG), Started(inventory=inv(), disk=BIG_DISK), 0.0)
+    (launch,) = launches(actions)
+    spawned = ChildSpawned(launch.attempt, 4242, "warm", "standby 4242 ready")
+    state, actions = decide(state, spawned, 0.0)
+    (record,) = [a for a in actions if isinstance(a, Record) and a.event == "child_started"]
+    assert record.fields == {"pid": 4242, "start": "warm", "why": "standby 4242 ready"}
 
 
 # --- no progress and poisoned checkpoints ---------------------------------------------------
