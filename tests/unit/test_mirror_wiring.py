@@ -91,6 +91,9 @@ def make_rig(fates: list[Fate], *, lock: FakeLock | None = None) -> Rig:
             "retention": {"keep_last": 1, "keep_best": False},
             "preemption": {"grace": GRACE},
             "mirror": {"url": "file:///nonexistent/trainwarden-unit/mirror"},
+            # The scripted children end at once: the backoff gives the loop the
+            # ticks a training attempt would, in which the metrics see the lag.
+            "restart": {"first_failure": "backoff"},
         }
     )
     clock = FakeClock()
