@@ -100,9 +100,16 @@ class HangConfig(_Section):
 
 
 class PreemptionConfig(_Section):
-    """How long an emergency checkpoint may take after SIGTERM."""
+    """How long an emergency checkpoint may take after SIGTERM, and the cloud's early warning."""
 
     grace: Duration = 120.0
+    #: Poll the cloud's preemption notice and start the emergency save when it
+    #: comes, before the SIGTERM (on AWS often instead of one): ``aws`` (spot
+    #: ``instance-action``), ``gcp`` (``instance/preempted``), or ``off``.
+    notice: Literal["off", "aws", "gcp"] = "off"
+    #: The metadata service's base URL; None: the cloud's own.
+    notice_url: str | None = None
+    notice_interval: Duration = Field(default=5.0, gt=0)
 
 
 #: fsspec protocols that cannot hold a durable, writable copy of a run.

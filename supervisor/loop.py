@@ -43,6 +43,7 @@ from supervisor.core.model import (
     Launch,
     Mode,
     Persist,
+    PreemptionNoticed,
     PreviousRun,
     Quarantine,
     Record,
@@ -69,6 +70,13 @@ from supervisor.shell.lock import Lock, RunLock
 from supervisor.shell.mirror.seam import Mirror, RemoteMirror
 from supervisor.shell.mirror.worker import MirrorEvent
 from supervisor.shell.observe import Observer, RunObserver, RunView
+from supervisor.shell.preemption_notice import (
+    NoticePoller,
+    NoticeStarter,
+    NoticeWatch,
+    PreemptionNotice,
+    Provider,
+)
 from supervisor.shell.procs import Peers, ProcPeers
 from supervisor.shell.rundir import FileRunDir, RunDir
 from supervisor.shell.standby import WarmLauncher
@@ -141,6 +149,8 @@ class Shell:
     observer: Observer
     #: The remote copy (``mirror:``); None when the job has none.
     mirror: Mirror | None = None
+    #: Watches the cloud's preemption notice (``preemption.notice``); None when off.
+    notices: NoticeStarter | None = None
     signals: SignalInstaller = signals.install
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
@@ -170,7 +180,24 @@ def default_shell(config: Config) -> Shell:
         watcher=CheckpointWatcher,
         observer=RunObserver(config),
         mirror=_remote_mirror(config, layout),
+        notices=_notice_starter(config),
     )
+
+
+def _notice_starter(config: Config) -> NoticeStarter | None:
+    """Poll the configured cloud's metadata service on a thread, from the loop's start."""
+    notice = config.preemption
+    if notice.notice == "off":
+        return None
+    provider = Provider(notice.notice)
+
+    def start(notify: Callable[[PreemptionNotice], None]) -> NoticeWatch:
+        poller = NoticePoller(
+            provider, notify, base_url=notice.notice_url, interval=notice.notice_interval
+        )
+        return poller.start()
+
+    return start
 
 
 def _remote_mirror(config: Config, layout: Layout) -> RemoteMirror | None:
@@ -201,6 +228,8 @@ class Supervisor:
         self._child_pids: set[int] = set()
         self._mirror = MirrorSync(self.shell.mirror, self._record)
         self._orphan_gone_seen = False
+        #: The cloud's preemption notice came and its own SIGTERM has not yet.
+        self._cloud_signal_due = False
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -223,10 +252,12 @@ class Supervisor:
             shell.lock.release()
             raise
         restore = shell.signals(self.queue.put, SignalReceived)
+        notices: NoticeWatch | None = None
         watcher = shell.watcher(self.config.output_dir, lambda: self.queue.put(_FsNotice()))
         try:
             self._mirror.start(self.queue.put)
             watcher.start()
+            notices = shell.notices(self.queue.put) if shell.notices else None
             shell.notifier.ready()
             log.info("supervisor_started", output_dir=str(self.config.output_dir), pid=os.getpid())
             started = Started(
@@ -251,6 +282,8 @@ class Supervisor:
         finally:
             shell.notifier.stopping()
             watcher.stop()
+            if notices is not None:
+                notices.close()
             restore()
             self._mirror.close(MIRROR_CLOSE_SECONDS)
             shell.launcher.close()
@@ -318,7 +351,14 @@ class Supervisor:
         if isinstance(notice, _FsNotice):
             self._last_rescan = self.shell.clock()
             return InventoryChanged(self._inventory())
-        if isinstance(notice, SignalReceived):
+        if isinstance(notice, PreemptionNotice):
+            provider, action = notice.provider.value, notice.action
+            notice = PreemptionNoticed(provider, action, notice.deadline_wall_time)
+            self._cloud_signal_due = True
+        elif isinstance(notice, SignalReceived):
+            self._cloud_signal_due = False  # the policy knows it was expected (Stopping.noticed)
+        if isinstance(notice, SignalReceived | PreemptionNoticed):
+            # The mirror's drain before exit is counted from here.
             self._mirror.signalled_at = self._mirror.signalled_at or self.shell.clock()
             return notice
         if isinstance(notice, MirrorEvent):
@@ -460,6 +500,10 @@ class Supervisor:
                 return stop
             if isinstance(notice, MirrorEvent):
                 self._on_mirror_event(notice)
+            elif isinstance(notice, SignalReceived) and self._cloud_signal_due:
+                # The SIGTERM that follows the cloud's notice: the upload goes on.
+                self._cloud_signal_due = False
+                self._record("stop_signal_after_notice", {"signal": notice.name})
             elif isinstance(notice, SignalReceived):
                 stop = True
 

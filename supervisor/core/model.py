@@ -270,6 +270,22 @@ class SignalReceived:
     name: str
 
 
+@dataclass(frozen=True)
+class PreemptionNoticed:
+    """The cloud said this machine is about to be taken (``preemption.notice``)."""
+
+    provider: str
+    #: AWS: terminate, stop or hibernate; GCP: preempted.
+    action: str
+    #: When the machine goes (wall time), if the cloud said.
+    deadline_wall_time: float | None = None
+
+    @property
+    def name(self) -> str:
+        """How the journal names this stop, as it names a signal: ``preemption notice (...)``."""
+        return f"preemption notice ({self.provider} {self.action})"
+
+
 Event = (
     Started
     | ChildSpawned
@@ -279,6 +295,7 @@ Event = (
     | Tick
     | ResumeRejected
     | SignalReceived
+    | PreemptionNoticed
 )
 
 
@@ -453,6 +470,9 @@ class Stopping:
     killed: bool = False
     #: A stop signal reached the supervisor: once the child is gone, so are we.
     requested: bool = False
+    #: The stop began with the cloud's notice, whose own SIGTERM is still to come:
+    #: that one signal is expected, not a second one (which would escalate).
+    noticed: bool = False
 
 
 @dataclass(frozen=True)

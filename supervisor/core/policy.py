@@ -48,6 +48,7 @@ from supervisor.core.model import (
     Orphan,
     Pace,
     Persist,
+    PreemptionNoticed,
     PreviousRun,
     Quarantine,
     Record,
@@ -851,12 +852,26 @@ def hang_limit(state: State, phase: Phase) -> float:
 # --- stop signals (SIGTERM, SIGINT, SIGHUP) ------------------------------------------------
 
 
-def _on_stop_signal(state: State, event: SignalReceived, now: float) -> Decision:
-    """Ask our child for an emergency checkpoint; a second signal (or a killed child) escalates."""
+#: A stop signal, or the cloud's notice that one is coming.
+StopRequest = SignalReceived | PreemptionNoticed
+
+
+def _on_stop_signal(state: State, event: StopRequest, now: float) -> Decision:
+    """Ask our child for an emergency checkpoint; a second signal (or a killed child) escalates.
+
+    The cloud's preemption notice starts the same stop before its SIGTERM; that
+    SIGTERM, when it follows, is expected and does not count as a second signal.
+    """
     child, stopping = state.child, state.stopping
     if child is None:
         return _stop_at_once(state, event, now)
+    notice = _notice_records(event)
     if stopping is not None and (stopping.requested or stopping.killed):
+        if notice:
+            return state, notice  # already saving (or killed): the notice changes nothing
+        if stopping.noticed:
+            state = replace(state, stopping=replace(stopping, noticed=False))
+            return state, [Record("stop_signal_after_notice", {"signal": event.name})]
         state = replace(state, stopping=replace(stopping, killed=True))
         return state, [
             Record("escalated", {"signal": "SIGKILL", "why": f"second {event.name}"}),
@@ -868,8 +883,10 @@ def _on_stop_signal(state: State, event: SignalReceived, now: float) -> Decision
         deadline = min(deadline, stopping.deadline)
     reason = stopping.reason if stopping is not None else FailureKind.PREEMPTED
     text = "stopping: child is writing an emergency checkpoint"
-    state = _stop_child(state, Stopping(reason, deadline, requested=True), text)
+    request = Stopping(reason, deadline, requested=True, noticed=bool(notice))
+    state = _stop_child(state, request, text)
     return state, [
+        *notice,
         Record("preempt_requested", {"kind": "preempted", "signal": event.name}),
         ExtendStop(grace + STOP_SLACK),
         SendSignal(child.pid, Signal.TERM),
@@ -878,12 +895,19 @@ def _on_stop_signal(state: State, event: SignalReceived, now: float) -> Decision
     ]
 
 
-def _stop_at_once(state: State, event: SignalReceived, now: float) -> Decision:
+def _notice_records(event: StopRequest) -> list[Action]:
+    """The journal line of a preemption notice (none for a plain signal)."""
+    if not isinstance(event, PreemptionNoticed):
+        return []
+    fields = {"provider": event.provider, "action": event.action}
+    return [Record("preemption_notice", {**fields, "deadline": event.deadline_wall_time})]
+
+
+def _stop_at_once(state: State, event: StopRequest, now: float) -> Decision:
     """No child of ours is running: there is nothing to save, so exit 0 now."""
     text = f"stopped by {event.name} while {state.mode.value}"
-    return _finish(
-        state, Mode.PREEMPTED, EXIT_OK, text, [Record("stopped", {"signal": event.name})]
-    )
+    records = [*_notice_records(event), Record("stopped", {"signal": event.name})]
+    return _finish(state, Mode.PREEMPTED, EXIT_OK, text, records)
 
 
 def _ignore(state: State, event: Event, now: float) -> Decision:
@@ -1080,6 +1104,12 @@ TRANSITIONS: Mapping[tuple[Mode, type], Handler] = MappingProxyType(
         (Mode.WAITING_ORPHAN, SignalReceived): _stop_at_once,
         (Mode.BACKOFF, SignalReceived): _stop_at_once,
         (Mode.WAITING_DISK, SignalReceived): _stop_at_once,
+        # The cloud's preemption notice: the same stop, before its SIGTERM.
+        (Mode.RUNNING, PreemptionNoticed): _on_stop_signal,
+        (Mode.STOPPING, PreemptionNoticed): _on_stop_signal,
+        (Mode.WAITING_ORPHAN, PreemptionNoticed): _stop_at_once,
+        (Mode.BACKOFF, PreemptionNoticed): _stop_at_once,
+        (Mode.WAITING_DISK, PreemptionNoticed): _stop_at_once,
         # Checkpoint folders changed: notice commits, quarantine, prune.
         **{(mode, InventoryChanged): _on_inventory for mode in _ALIVE_MODES},
         # Terminal: the loop is on its way out.
@@ -1087,7 +1117,7 @@ TRANSITIONS: Mapping[tuple[Mode, type], Handler] = MappingProxyType(
             (mode, event): _ignore
             for mode in Mode
             if mode.terminal
-            for event in (Tick, InventoryChanged, SignalReceived, ChildExited)
+            for event in (Tick, InventoryChanged, SignalReceived, PreemptionNoticed, ChildExited)
         },
     }
 )

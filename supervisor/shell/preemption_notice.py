@@ -35,6 +35,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 import structlog
 
@@ -43,7 +44,9 @@ __all__ = [
     "GCP_METADATA_URL",
     "AwsToken",
     "NoticePoller",
+    "NoticeStarter",
     "NoticeUnavailable",
+    "NoticeWatch",
     "PreemptionNotice",
     "Provider",
     "check_notice",
@@ -185,6 +188,18 @@ def check_notice(
     if text == "FALSE":
         return None
     raise NoticeUnavailable(f"instance/preempted answered {text[:40]!r}")
+
+
+class NoticeWatch(Protocol):
+    """A running watch for the notice (the loop's seam; ``NoticePoller`` is the real one)."""
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop watching; return whether its thread ended within ``timeout``."""
+        ...
+
+
+#: Start watching, reporting the notice through the callback (which only enqueues).
+NoticeStarter = Callable[[Callable[["PreemptionNotice"], None]], NoticeWatch]
 
 
 class NoticePoller:

@@ -37,6 +37,7 @@ from supervisor.shell.mirror.worker import (
     Outcome,
 )
 from supervisor.shell.observe import RunView
+from supervisor.shell.preemption_notice import PreemptionNotice
 from supervisor.shell.store import CheckpointStore, RefusedError
 from supervisor.shell.systemd import one_line, usec
 from trainer_child.protocol import JobFile, Phase, RunStateFile, checkpoint_name
@@ -591,6 +592,32 @@ class FakeSignals:
         if self._put is None or self._make is None:
             raise RuntimeError("no signal handler is installed")
         self._put(self._make(name))
+
+
+class FakeNotices:
+    """A preemption-notice starter (``Shell.notices``) the test delivers the notice through."""
+
+    def __init__(self) -> None:
+        self._notify: Callable[[PreemptionNotice], None] | None = None
+        self.started = 0
+        self.closed = 0
+
+    def __call__(self, notify: Callable[[PreemptionNotice], None]) -> FakeNotices:
+        self._notify = notify
+        self.started += 1
+        return self
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop watching (the real poller joins its thread)."""
+        self.closed += 1
+        self._notify = None
+        return True
+
+    def deliver(self, notice: PreemptionNotice) -> None:
+        """Report ``notice`` as the poller's thread would."""
+        if self._notify is None:
+            raise RuntimeError("nobody watches for the notice")
+        self._notify(notice)
 
 
 # --- mirror -------------------------------------------------------------------------------

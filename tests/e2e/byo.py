@@ -128,17 +128,3 @@ def run_unsupervised(
 def global_step(checkpoint: Path) -> int:
     """``global_step`` of a checkpoint's trainer_state.json."""
     return int(json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"])
-
-
-def status_json(job: Job, env: Mapping[str, str]) -> dict[str, Any]:
-    """``trainwarden status --json`` of the job's output_dir, as a user would ask it."""
-    done = subprocess.run(
-        [sys.executable, "-m", "supervisor", "status", str(job.output_dir), "--json"],
-        env=dict(env),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result

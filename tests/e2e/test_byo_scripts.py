@@ -20,12 +20,11 @@ from tests.e2e.byo import (
     global_step,
     plain_trainer_argv,
     run_unsupervised,
-    status_json,
     write_command_config,
 )
 from tests.support.outputs import assert_bit_identical, checkpoint_steps, events, heartbeat
 from tests.support.processes import wait_for
-from tests.support.supervised import run_supervised, supervisor_process
+from tests.support.supervised import run_supervised, status_json, supervisor_process
 from trainer_child.protocol import COMMIT_RECORD, Phase
 
 pytestmark = pytest.mark.slow
@@ -98,7 +97,7 @@ def test_plain_trainer_recipe_completes_in_one_attempt(
     assert global_step(out / f"checkpoint-{MAX_STEPS}") == MAX_STEPS
     records = [(out / f"checkpoint-{s}" / COMMIT_RECORD).exists() for s in steps]
     assert all(records) if warden_callback else not any(records)
-    assert status_json(job, env)["state"] == "completed"
+    assert status_json(job.output_dir, env)["state"] == "completed"
     assert_bit_identical(out, reference)
 
 

@@ -24,14 +24,13 @@ from tests.e2e.byo import (
     RESUME_FLAG,
     global_step,
     run_unsupervised,
-    status_json,
     trl_sft_argv,
     write_command_config,
 )
 from tests.support.jobs import Job
 from tests.support.outputs import assert_bit_identical, checkpoint_steps, events, heartbeat
 from tests.support.processes import wait_for
-from tests.support.supervised import run_supervised, supervisor_process
+from tests.support.supervised import run_supervised, status_json, supervisor_process
 from trainer_child.protocol import (
     COMMIT_RECORD,
     CommitRecord,
@@ -110,7 +109,7 @@ def test_trl_sft_completes_in_one_attempt_and_is_not_run_again(
     assert not [e for e in journal if e["event"] == "failure"]
     assert_finished_like_reference(job, reference)
     assert_every_checkpoint_committed(job)
-    assert status_json(job, env)["state"] == "completed"
+    assert status_json(job.output_dir, env)["state"] == "completed"
 
     started = time.monotonic()
     code, log = run_supervised(job, env)
@@ -210,7 +209,7 @@ def test_trl_sft_restarts_warm_in_a_standby_and_ends_bit_identical(
     assert "python -m trl.scripts.sft" in started[1]["why"]
     assert_finished_like_reference(job, reference)
     assert_every_checkpoint_committed(job)
-    assert status_json(job, env)["standby"]["last_start"] == "warm"
+    assert status_json(job.output_dir, env)["standby"]["last_start"] == "warm"
 
 
 def _zombie(pid: int) -> bool:
@@ -273,7 +272,7 @@ def test_trl_sft_hang_is_detected_and_sigterm_saves_an_emergency_checkpoint(
     assert report is not None
     assert report.kind is ErrorKind.PREEMPTED
     assert report.step == newest
-    assert status_json(job, env)["state"] != "completed"
+    assert status_json(job.output_dir, env)["state"] != "completed"
 
     # The next start resumes from the emergency checkpoint and finishes exactly.
     code, log = run_supervised(job, env)
@@ -298,7 +297,7 @@ def test_trl_sft_with_a_wrong_model_path_gives_up_quickly_naming_the_error(
     assert got == code, log
     journal = events(job.layout)
     assert len([e for e in journal if e["event"] == "launch"]) == attempts
-    status = status_json(job, env)
+    status = status_json(job.output_dir, env)
     assert status["state"] == "gave up"
     assert "Repo id must be in the form" in status["gave_up"]
     assert str(tmp_path / "no-such-model") in status["gave_up"]

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.byo import RESUME_FLAG, status_json, write_command_config
+from tests.e2e.byo import RESUME_FLAG, write_command_config
 from tests.support.outputs import events
 from tests.support.processes import REPO_ROOT, wait_for
-from tests.support.supervised import run_supervised, supervisor_process
+from tests.support.supervised import run_supervised, status_json, supervisor_process
 from trainer_child.protocol import RunStateFile, read_model
 
 #: Shared by every script: note what this attempt was given, one JSON line each.
@@ -82,7 +82,7 @@ def test_resume_placeholder_is_dropped_on_a_fresh_start_and_filled_on_resume(
         "failure",
         "completed",
     ]
-    assert status_json(job, env)["state"] == "completed"
+    assert status_json(job.output_dir, env)["state"] == "completed"
     # Run again: the command already exited 0, so nothing is launched.
     code, log = run_supervised(job, env)
     assert code == 0, log
@@ -177,7 +177,7 @@ def test_the_same_start_up_error_twice_gives_up_naming_it(
 
     assert code == 76, log
     assert len(seen(seen_file)) == 2
-    status = status_json(job, env)
+    status = status_json(job.output_dir, env)
     assert status["state"] == "gave up"
     assert f"OSError: {message}" in status["gave_up"]
     assert "before training began" in status["gave_up"]
@@ -202,7 +202,7 @@ def test_a_rejected_command_line_is_a_config_error_at_once(
 
     assert code == 78, log
     assert len(seen(seen_file)) == 1
-    status = status_json(job, env)
+    status = status_json(job.output_dir, env)
     assert "invalid int value: 'ten'" in status["gave_up"]
 
 

@@ -16,11 +16,8 @@ the child by PID.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,8 +29,8 @@ from supervisor.shell.verify import verify_checkpoint
 from tests.support.capabilities import require
 from tests.support.jobs import Job, write_config
 from tests.support.outputs import assert_bit_identical, events
-from tests.support.processes import REPO_ROOT, wait_for
-from tests.support.supervised import SupervisorProcess, supervisor_process
+from tests.support.processes import wait_for
+from tests.support.supervised import SupervisorProcess, status_json, supervisor_process
 from trainer_child.errors import ErrorReserve
 from trainer_child.protocol import COMMIT_RECORD, RunStateFile, checkpoint_step, read_model
 
@@ -186,20 +183,6 @@ def test_enospc_on_a_tmpfs_too_small_for_keep_last_plus_one(
     assert_bit_identical(copy / "final", reference)
 
 
-def _status(path: Path, env: dict[str, str]) -> dict[str, object]:
-    result = subprocess.run(
-        [sys.executable, "-m", "supervisor", "status", str(path), "--json"],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    report: dict[str, object] = json.loads(result.stdout)
-    return report
-
-
 def test_waits_for_disk_and_resumes_once_space_is_freed(
     tmp_path: Path, env: dict[str, str], reference_final: Callable[..., Path]
 ) -> None:
@@ -240,7 +223,7 @@ def test_waits_for_disk_and_resumes_once_space_is_freed(
             return state if state and state.status.startswith("waiting for disk") else None
 
         wait_for(lambda: waiting() or proc.proc.poll() is not None, 120)
-        report = _status(inside, env)
+        report = status_json(inside, env)
         print(f"tmpfs {size} B; trainwarden status: {report['status']!r}")
         assert report["state"] == "waiting_disk", report
         match = re.fullmatch(r"waiting for disk: need (.+), have (.+)", str(report["status"]))

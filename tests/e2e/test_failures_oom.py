@@ -14,10 +14,7 @@ remediation alone.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,8 +27,8 @@ from supervisor.shell.oom import cgroup_of
 from tests.support.capabilities import require
 from tests.support.jobs import FAST_RESTART, STANDARD_SFT, trainer_child_argv, write_config
 from tests.support.outputs import events, heartbeat, max_abs_diff
-from tests.support.processes import REPO_ROOT, Process, wait_for
-from tests.support.supervised import supervisor_process
+from tests.support.processes import Process, wait_for
+from tests.support.supervised import status_json, supervisor_process
 from trainer_child.protocol import COMMIT_RECORD, CommitRecord, JobFile, read_model
 
 pytestmark = pytest.mark.slow
@@ -130,20 +127,6 @@ def _oom_kills(cgroup: Path) -> int:
     raise AssertionError(f"{cgroup}/memory.oom_control has no oom_kill counter (kernel < 4.13)")
 
 
-def _status_json(output_dir: Path, env: dict[str, str]) -> dict[str, object]:
-    result = subprocess.run(
-        [sys.executable, "-m", "supervisor", "status", str(output_dir), "--json"],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    report: dict[str, object] = json.loads(result.stdout)
-    return report
-
-
 def _records(output_dir: Path) -> dict[str, CommitRecord]:
     """Commit records of every checkpoint left and of final/, by folder name."""
     found = {}
@@ -213,7 +196,7 @@ def test_kernel_oom_kill_is_host_oom_and_halves_the_micro_batch(
         why = started[1]["why"]
         assert "MiB of host memory available" in why or "other settings" in why, started
 
-    report = _status_json(job.output_dir, env)
+    report = status_json(job.output_dir, env)
     assert report["restarts_by_kind"] == {"host_oom": 1}, report
     last = report["last_failure"]
     assert isinstance(last, dict)

@@ -8,8 +8,6 @@ import os
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +16,8 @@ import pytest
 
 from tests.support.jobs import FAST_RESTART, write_config
 from tests.support.outputs import assert_bit_identical, events
-from tests.support.processes import REPO_ROOT, wait_for
-from tests.support.supervised import supervisor_process
+from tests.support.processes import wait_for
+from tests.support.supervised import status_json, supervisor_process
 from trainer_child.protocol import checkpoint_step
 
 pytestmark = pytest.mark.slow
@@ -166,16 +164,7 @@ def test_a_crash_at_the_same_step_every_time_falls_back_once_then_gives_up(
     assert "last failure at step 9" in message
     assert "RuntimeError: trainwarden failpoint crash at step 10" in message
 
-    status = subprocess.run(
-        [sys.executable, "-m", "supervisor", "status", str(job.output_dir), "--json"],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    report = json.loads(status.stdout)
+    report = status_json(job.output_dir, env)
     assert report["state"] == "gave up"
     assert report["restarts_by_kind"] == {"crash": limit + 1}
     assert report["last_failure"]["step"] == 9

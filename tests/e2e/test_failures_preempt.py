@@ -6,12 +6,14 @@ import contextlib
 import signal
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
 import pytest
 
 from tests.support.jobs import write_config
+from tests.support.metadata import MetadataStandIn
 from tests.support.outputs import assert_bit_identical, events, heartbeat
 from tests.support.processes import wait_for
 from tests.support.supervised import SupervisorProcess, supervisor_process
@@ -166,3 +168,58 @@ def test_a_child_that_cannot_save_in_time_is_killed_and_the_supervisor_exits_0(
         assert names.index("escalated") < names.index("preempted")
         # No emergency checkpoint could be written; the periodic one is intact.
         assert max(_committed(jobs[name].output_dir)) == SAVE_STEPS
+
+
+def test_a_cloud_preemption_notice_saves_and_uploads_before_the_clouds_sigterm(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """AWS's spot notice (from a loopback stand-in): emergency save and upload, exit 0.
+
+    The cloud's own SIGTERM follows its notice while the child saves: expected,
+    so it does not escalate to SIGKILL as a second SIGTERM would.
+    """
+    remote = tmp_path / "remote"
+    with MetadataStandIn().start() as metadata:
+        job = write_config(
+            tmp_path,
+            preemption={
+                "grace": "30s",
+                "notice": "aws",
+                "notice_url": metadata.url,
+                "notice_interval": "0.2s",
+            },
+            mirror={"url": remote.as_uri()},
+            env={"TRAINWARDEN_FAILPOINTS": "slow_step@step=6,seconds=2,times=1"},
+        )
+        with supervisor_process(job, env) as proc:
+            wait_for(partial(_in_step_6, job.output_dir, proc), 120)
+            metadata.aws_action = {"action": "terminate", "time": "2026-11-28T08:22:00Z"}
+            noticed = partial(_journaled, job.layout, "preemption_notice", proc)
+            wait_for(noticed, 30, what="the supervisor to journal the notice")
+            proc.signal(signal.SIGTERM)  # the cloud's, a moment later
+            code = proc.wait(60)
+            log = proc.log()
+    assert code == 0, log
+    assert metadata.token_requests >= 1, "IMDSv2: a token first"
+    assert not metadata.bad_requests
+    journal = events(job.layout)
+    (notice,) = [e for e in journal if e["event"] == "preemption_notice"]
+    assert (notice["provider"], notice["action"]) == ("aws", "terminate")
+    assert notice["deadline"] == datetime(2026, 11, 28, 8, 22, tzinfo=timezone.utc).timestamp()
+    (asked,) = [e for e in journal if e["event"] == "preempt_requested"]
+    assert asked["signal"] == "preemption notice (aws terminate)"
+    assert [e["signal"] for e in journal if e["event"] == "stop_signal_after_notice"] == ["SIGTERM"]
+    assert not [e for e in journal if e["event"] in ("escalated", "failure")]
+    committed = _committed(job.output_dir)
+    newest = max(committed)
+    assert committed[newest].reason == "emergency"
+    assert newest >= 6
+    drained = [e for e in journal if e["event"] == "mirror_drained"][-1]
+    assert drained["complete"] is True, drained
+    assert drained["step"] == newest
+    assert (remote / f"checkpoint-{newest}" / COMMIT_RECORD).is_file()
+    assert journal[-1]["event"] == "preempted"
+
+
+def _journaled(layout: Layout, event: str, proc: SupervisorProcess) -> bool:
+    return any(e["event"] == event for e in events(layout)) or proc.proc.poll() is not None

@@ -11,7 +11,6 @@ its remote (caught, an older checkpoint used).
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -26,12 +25,12 @@ import pytest
 
 from supervisor.shell.mirror import RemoteStatus, RemoteStore
 from tests.support.checkpoints import ADAPTER
-from tests.support.jobs import PYTHON, Job, supervisor_argv, write_config
+from tests.support.jobs import Job, supervisor_argv, write_config
 from tests.support.outputs import assert_bit_identical, events
 from tests.support.processes import REPO_ROOT, wait_for
 from tests.support.seaweed import BUCKET, SECRET_KEY, SeaweedS3, free_ports, running_seaweed
 from tests.support.slow_link import slow_link
-from tests.support.supervised import supervisor_process
+from tests.support.supervised import status_json, supervisor_process
 from trainer_child.protocol import COMMIT_RECORD, CommitRecord, Layout, RunStateFile, read_model
 
 pytestmark = pytest.mark.slow
@@ -322,21 +321,12 @@ def test_storage_outage_training_goes_on_status_shows_the_lag_and_uploads_catch_
             server.kill()
             down_at = time.time()
             wait_for(lambda: lagging(job.layout), 60, what="state.json to show the lag")
-            done = subprocess.run(
-                [PYTHON, "-m", "supervisor", "status", str(job.output_dir), "--json"],
-                cwd=REPO_ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            )
+            report = status_json(job.output_dir, env)
             server.start()
             up_at = time.time()
             code = proc.wait(240)
             log = proc.log()
         assert code == 0, log
-        report = json.loads(done.stdout)
         assert report["mirror_lag"] >= 1, report
         assert "behind, retrying in" in report["mirror"], report
 

@@ -10,11 +10,8 @@ one, lives on as an orphan that the next supervisor asks to save.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +21,8 @@ import pytest
 
 from tests.support.jobs import FAST_RESTART, write_config
 from tests.support.outputs import assert_bit_identical, events, heartbeat
-from tests.support.processes import REPO_ROOT, wait_for
-from tests.support.supervised import run_supervised, supervisor_process
+from tests.support.processes import wait_for
+from tests.support.supervised import run_supervised, status_json, supervisor_process
 from trainer_child.protocol import (
     COMMIT_RECORD,
     CommitRecord,
@@ -63,20 +60,6 @@ def idle_standby(layout: Layout, *, ready: bool = True) -> int | None:
     return record.pid if alive(record.pid) else None
 
 
-def status_json(layout: Layout, env: dict[str, str]) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "supervisor", "status", str(layout.output_dir), "--json"],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    report: dict[str, Any] = json.loads(done.stdout)
-    return report
-
-
 def test_a_warm_restart_from_scratch_ends_bit_identical(
     tmp_path: Path, env: dict[str, str], reference_final: Callable[..., Path]
 ) -> None:
@@ -96,7 +79,7 @@ def test_a_warm_restart_from_scratch_ends_bit_identical(
     backoff = next(e for e in journal if e["event"] == "backoff")
     assert backoff["seconds"] == 0.0, "the first failure restarts at once"
     assert_bit_identical(job.layout.final, reference_final())
-    standby = status_json(job.layout, env)["standby"]
+    standby = status_json(job.output_dir, env)["standby"]
     assert standby["last_start"] == "warm"
     assert "the built-in job" in standby["last_start_why"]
 

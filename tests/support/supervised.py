@@ -9,12 +9,16 @@ final adapter with an uninterrupted run's, tensor by tensor.
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from tests.support.jobs import Job, supervisor_argv
 from tests.support.outputs import heartbeat
-from tests.support.processes import Process
+from tests.support.processes import REPO_ROOT, Process
 from trainer_child.protocol import RunStateFile, read_model
 
 __all__ = ["SupervisorProcess", "run_supervised", "supervisor_process"]
@@ -80,3 +84,18 @@ def run_supervised(job: Job, env: Mapping[str, str], timeout: float = 240.0) -> 
     with supervisor_process(job, env) as proc:
         code = proc.wait(timeout)
         return code, proc.log()
+
+
+def status_json(output_dir: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """``trainwarden status OUTPUT_DIR --json``, run as a user would run it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "status", str(output_dir), "--json"],
+        env=dict(env),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report

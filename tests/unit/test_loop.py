@@ -33,6 +33,7 @@ from supervisor.core.model import (
 )
 from supervisor.loop import Shell, Supervisor
 from supervisor.shell.launcher import ChildHandle, ExitCallback
+from supervisor.shell.preemption_notice import PreemptionNotice, Provider
 from supervisor.shell.testing import (
     FakeCheckpointStore,
     FakeDisk,
@@ -41,6 +42,7 @@ from supervisor.shell.testing import (
     FakeJournal,
     FakeLauncher,
     FakeLock,
+    FakeNotices,
     FakeNotifier,
     FakeObserver,
     FakePeers,
@@ -308,6 +310,29 @@ def test_the_observer_hears_every_record_and_names_the_tracking_run() -> None:
     assert {state.tracking_run_id for state in rig.journal.states} == {observer.tracking_run_id}
     assert observer.views[-1].mode is Mode.COMPLETED
     assert observer.closed
+
+
+def test_a_preemption_notice_stops_the_child_like_sigterm_and_its_watch_is_closed() -> None:
+    """The watch starts with the loop; its notice reaches the policy; it is closed at the end."""
+    rig: Rig
+    notices = FakeNotices()
+
+    def noticed_then_saves(spawn: FakeSpawn) -> int:
+        notices.deliver(PreemptionNotice(Provider.GCP, "preempted", None, "TRUE"))
+        rig.store.put(complete(6))
+        return 75  # its emergency checkpoint, after the SIGTERM the notice sent
+
+    rig = make_rig([noticed_then_saves])
+    rig.supervisor.shell.notices = notices
+    assert rig.supervisor.run() == 0
+    (spawn,) = rig.launcher.spawns
+    assert (spawn.pid, signal.SIGTERM) in rig.launcher.signals
+    (notice,) = rig.events("preemption_notice")
+    assert (notice["provider"], notice["action"]) == ("gcp", "preempted")
+    (asked,) = rig.events("preempt_requested")
+    assert asked["signal"] == "preemption notice (gcp preempted)"
+    assert rig.events("preempted")
+    assert (notices.started, notices.closed) == (1, 1)
 
 
 def test_child_started_journals_how_the_launcher_started_the_child() -> None:

@@ -31,6 +31,7 @@ from supervisor.loop import Shell, Supervisor
 from supervisor.mirror_sync import MIN_DRAIN_SECONDS
 from supervisor.shell.mirror import MirrorError, ProbeFailed, RestoreReport
 from supervisor.shell.mirror.worker import DrainResult, Job, JobKind
+from supervisor.shell.preemption_notice import PreemptionNotice, Provider
 from supervisor.shell.testing import (
     FakeCheckpointStore,
     FakeDisk,
@@ -39,6 +40,7 @@ from supervisor.shell.testing import (
     FakeJournal,
     FakeLock,
     FakeMirror,
+    FakeNotices,
     FakeNotifier,
     FakeObserver,
     FakePeers,
@@ -413,6 +415,37 @@ def test_a_second_signal_ends_the_drain() -> None:
     (drained,) = rig.events("mirror_drained")
     assert drained["interrupted"] is True
     assert len(rig.mirror.drains) == 1
+
+
+def test_the_clouds_sigterm_after_its_notice_does_not_end_the_drain() -> None:
+    """Preempted by the notice, storage down: its SIGTERM is expected; a second one ends it."""
+    rig = make_rig([])
+    notices = FakeNotices()
+    rig.supervisor.shell.notices = notices
+
+    def noticed(spawn: FakeSpawn) -> int:
+        notices.deliver(PreemptionNotice(Provider.AWS, "terminate", None, "{}"))
+        rig.store.put(complete(3))
+        return EXIT_PREEMPTED
+
+    rig.launcher.fates.append(noticed)
+    rig.mirror.reachable = False
+    real_drain = rig.mirror.drain
+    slices: list[float] = []
+
+    def drain_while_signalled(deadline: float) -> DrainResult:
+        slices.append(deadline)
+        if len(slices) <= 2:  # the cloud's SIGTERM, then (after a slice) a human's Ctrl-C
+            rig.supervisor.queue.put(SignalReceived("SIGTERM" if len(slices) == 1 else "SIGINT"))
+        return real_drain(deadline)
+
+    rig.mirror.drain = drain_while_signalled  # type: ignore[method-assign]
+    assert rig.supervisor.run() == 0
+    assert [e["signal"] for e in rig.events("stop_signal_after_notice")] == ["SIGTERM"]
+    (drained,) = rig.events("mirror_drained")
+    assert drained["interrupted"] is True
+    assert len(slices) == 2, "the first signal must not end the drain, the second must"
+    assert (notices.started, notices.closed) == (1, 1)
 
 
 # --- the policy's one fact about the mirror -------------------------------------------------

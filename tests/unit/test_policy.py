@@ -29,6 +29,7 @@ from supervisor.core.model import (
     Mode,
     Persist,
     PolicyConfig,
+    PreemptionNoticed,
     PreviousRun,
     Quarantine,
     Record,
@@ -270,6 +271,7 @@ SAMPLE_EVENTS: dict[type, Event] = {
     Tick: Tick(disk=BIG_DISK),
     ResumeRejected: ResumeRejected(attempt=99, step=4, problems=("bad",)),
     SignalReceived: SignalReceived("SIGTERM"),
+    PreemptionNoticed: PreemptionNoticed("gcp", "preempted"),
 }
 ILLEGAL = [
     (mode, kind) for mode in Mode for kind in SAMPLE_EVENTS if (mode, kind) not in TRANSITIONS
@@ -281,7 +283,7 @@ def test_the_transition_table_names_a_handler_for_every_event_a_live_mode_can_me
     for mode in Mode:
         if mode is Mode.STARTING:
             continue
-        for kind in (Tick, InventoryChanged, SignalReceived):
+        for kind in (Tick, InventoryChanged, SignalReceived, PreemptionNoticed):
             assert (mode, kind) in TRANSITIONS, (mode, kind)
     assert set(SAMPLE_EVENTS) == set(Event.__args__)
     assert len(ILLEGAL) > 30
@@ -708,6 +710,44 @@ def test_preemption_grace_running_out_escalates_to_sigkill() -> None:
     assert of(run.tick(29), SendSignal) == []
     assert [a.signal for a in of(run.tick(2), SendSignal)] == [Signal.KILL]
     assert of(run.exit(None, signal.SIGKILL), Exit)[0].code == 0
+
+
+def test_a_preemption_notice_starts_the_emergency_save_and_the_clouds_sigterm_is_expected() -> None:
+    """The notice asks for the save; the cloud's SIGTERM after it does not escalate, a 2nd does."""
+    run = Run()
+    run.start()
+    pid = run.pid
+    actions = run.feed(PreemptionNoticed("aws", "terminate", deadline_wall_time=1e9))
+    assert SendSignal(pid, Signal.TERM) in actions
+    assert of(actions, ExtendStop)
+    (notice,) = [a for a in of(actions, Record) if a.event == "preemption_notice"]
+    assert notice.fields == {"provider": "aws", "action": "terminate", "deadline": 1e9}
+    (asked,) = [a for a in of(actions, Record) if a.event == "preempt_requested"]
+    assert asked.fields["signal"] == "preemption notice (aws terminate)"
+
+    actions = run.feed(SignalReceived("SIGTERM"))
+    assert of(actions, SendSignal) == []
+    assert records(actions) == ["stop_signal_after_notice"]
+    actions = run.feed(SignalReceived("SIGTERM"))
+    assert [a.signal for a in of(actions, SendSignal)] == [Signal.KILL]
+    assert of(run.exit(None, signal.SIGKILL), Exit)[0].code == 0
+
+
+def test_a_notice_after_sigterm_changes_nothing_and_one_between_failures_exits() -> None:
+    """Already saving: the notice is only journaled. Backing off: nothing to save, exit 0."""
+    run = Run()
+    run.start()
+    run.feed(SignalReceived("SIGTERM"))
+    actions = run.feed(PreemptionNoticed("gcp", "preempted"))
+    assert records(actions) == ["preemption_notice"]
+    assert of(run.exit(75, inventory=inv(ckpt(7))), Exit)[0].code == 0
+
+    run = Run()
+    run.start()
+    run.exit(1)
+    actions = run.feed(PreemptionNoticed("gcp", "preempted"))
+    assert of(actions, Exit)[0].code == 0
+    assert run.state.mode is Mode.PREEMPTED
 
 
 def test_sigterm_while_backing_off_exits_at_once() -> None:
