@@ -218,7 +218,8 @@ def test_a_cloud_preemption_notice_saves_and_uploads_before_the_clouds_sigterm(
     assert drained["complete"] is True, drained
     assert drained["step"] == newest
     assert (remote / f"checkpoint-{newest}" / COMMIT_RECORD).is_file()
-    assert journal[-1]["event"] == "preempted"
+    (preempted,) = [e for e in journal if e["event"] == "preempted"]
+    assert preempted["checkpoint"] == newest
 
 
 def _journaled(layout: Layout, event: str, proc: SupervisorProcess) -> bool:
