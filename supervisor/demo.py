@@ -193,6 +193,9 @@ def summary_table(layout: Layout, elapsed: float, kills: list[str]) -> Table:
     table.add_row("attempts", str(len(launches)))
     table.add_row("restarts", ", ".join(f"{n} {k}" for k, n in by_kind.items()) if by_kind else "0")
     table.add_row("chaos", "; ".join(kills) or "-")
+    starts = [(e.model_extra or {}).get("start") for e in events if e.event == "child_started"]
+    warm = starts.count("warm")
+    table.add_row("attempts started warm", f"{warm} of {len(starts)} (restart.standby)")
     table.add_row("steps lost (heartbeat-sampled)", str(lost))
     quarantined = sorted(p.name for p in layout.quarantine.iterdir() if p.is_dir())
     table.add_row("quarantined", ", ".join(quarantined) or "-")
