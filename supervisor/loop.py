@@ -591,7 +591,10 @@ class Supervisor:
         self._child_pids.add(handle_.pid)
         shell.heartbeat.reset(action.attempt, handle_.pid)
         shell.evidence.watch(handle_.pid)
-        return [ChildSpawned(action.attempt, handle_.pid, handle_.start, handle_.start_note)]
+        note = handle_.start_note
+        if not note and self.config.restart.standby == "off":
+            note = "restart.standby is off"
+        return [ChildSpawned(action.attempt, handle_.pid, handle_.start, note)]
 
     def _argv(self, action: Launch, resume_path: str) -> list[str]:
         if self.config.command is not None:
