@@ -149,7 +149,8 @@ class Rig:
         return [e for e in self.journal.entries if e["event"] == name]
 
 
-def make_rig(fates: list[Callable[[FakeSpawn], int]]) -> Rig:
+def make_rig(fates: list[Callable[[FakeSpawn], int]], **sections: object) -> Rig:
+    """A supervisor over fakes; ``sections`` add top-level config keys (``restart=...``)."""
     config = parse_config(
         {
             "output_dir": str(OUTPUT_DIR),
@@ -160,6 +161,7 @@ def make_rig(fates: list[Callable[[FakeSpawn], int]]) -> Rig:
                     "per_device_train_batch_size": MICRO_BATCH,
                 }
             },
+            **sections,
         }
     )
     clock = FakeClock()
@@ -355,6 +357,19 @@ def test_child_started_journals_how_the_launcher_started_the_child() -> None:
         ("cold", ""),
         ("warm", "standby 10001 (the built-in job), ready"),
     ]
+
+
+def test_with_the_standby_off_child_started_says_why_the_start_was_cold() -> None:
+    """``restart.standby: off``: the journal (and status) name the setting, not an empty why."""
+
+    def finish(spawn: FakeSpawn) -> int:
+        rig.store.final_complete = True
+        return 0
+
+    rig = make_rig([finish], restart={"standby": "off"})
+    assert rig.supervisor.run() == 0
+    ((started),) = rig.events("child_started")
+    assert (started["start"], started["why"]) == ("cold", "restart.standby is off")
 
 
 def test_notifier_ready_before_first_spawn_then_status() -> None:
