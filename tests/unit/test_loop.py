@@ -368,7 +368,7 @@ def test_with_the_standby_off_child_started_says_why_the_start_was_cold() -> Non
 
     rig = make_rig([finish], restart={"standby": "off"})
     assert rig.supervisor.run() == 0
-    ((started),) = rig.events("child_started")
+    (started,) = rig.events("child_started")
     assert (started["start"], started["why"]) == ("cold", "restart.standby is off")
 
 
