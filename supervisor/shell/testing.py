@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from supervisor.shell.mirror.worker import (
     MirrorLag,
     Outcome,
 )
+from supervisor.shell.notify import Message
 from supervisor.shell.observe import RunView
 from supervisor.shell.preemption_notice import PreemptionNotice
 from supervisor.shell.store import CheckpointStore, RefusedError
@@ -592,6 +594,22 @@ class FakeSignals:
         if self._put is None or self._make is None:
             raise RuntimeError("no signal handler is installed")
         self._put(self._make(name))
+
+
+class FakeSender:
+    """A notification ``Sender``: collects messages; can be told to fail or raise."""
+
+    def __init__(self, result: bool | Exception = True) -> None:
+        self.messages: list[Message] = []
+        self.result = result
+        self.lock = threading.Lock()
+
+    def send(self, message: Message) -> bool:
+        with self.lock:
+            self.messages.append(message)
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
 
 
 class FakeNotices:

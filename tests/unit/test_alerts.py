@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-
 from supervisor.config import NotifyConfig
-from supervisor.shell.notify import Alerts, Message, redact
-
-
-class FakeSender:
-    """Collects messages; can be told to fail or raise."""
-
-    def __init__(self, result: bool | Exception = True) -> None:
-        self.messages: list[Message] = []
-        self.result = result
-        self.lock = threading.Lock()
-
-    def send(self, message: Message) -> bool:
-        with self.lock:
-            self.messages.append(message)
-        if isinstance(self.result, Exception):
-            raise self.result
-        return self.result
+from supervisor.shell.notify import Alerts, redact
+from supervisor.shell.testing import FakeSender
 
 
 class Clock:

@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import os
+import pkgutil
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from supervisor.core import model
 from supervisor.core.classify import Outcome
@@ -112,41 +114,20 @@ def test_no_function_is_longer_than_sixty_lines() -> None:
 
 
 def _protocols() -> list[type]:
-    from supervisor.shell import (
-        disk,
-        evidence,
-        heartbeat,
-        journal,
-        launcher,
-        lock,
-        observe,
-        oom,
-        procs,
-        rundir,
-        store,
-        systemd,
-        watcher,
-    )
-    from supervisor.shell.mirror import seam
+    """Every Protocol defined in a module of supervisor/shell (found, not listed by hand)."""
+    import supervisor.shell
 
-    modules = (
-        disk,
-        evidence,
-        heartbeat,
-        journal,
-        launcher,
-        lock,
-        observe,
-        oom,
-        procs,
-        rundir,
-        store,
-    )
+    modules = [
+        importlib.import_module(info.name)
+        for info in pkgutil.walk_packages(supervisor.shell.__path__, "supervisor.shell.")
+        if info.name != testing.__name__
+    ]
     return [
         cls
-        for module in (*modules, systemd, watcher, seam)
+        for module in modules
         for _, cls in inspect.getmembers(module, inspect.isclass)
-        if cls.__module__ == module.__name__ and Protocol in cls.__mro__[1:]
+        # A Protocol itself, not a class that implements one (prometheus' Collector is one).
+        if cls.__module__ == module.__name__ and getattr(cls, "_is_protocol", False)
     ]
 
 
@@ -154,10 +135,18 @@ def _members(protocol: type) -> set[str]:
     return {name for name in vars(protocol) if not name.startswith("_")}
 
 
+#: Protocols whose stand-in is not in testing.py, and why.
+NO_FAKE_NEEDED = {
+    # How the mirror runs a batch of transfers; its in-thread runner, remote.Sequential,
+    # is the default and the stand-in alike.
+    "Transfers",
+}
+
+
 def test_every_seam_has_a_fake_with_its_methods() -> None:
     """Each Protocol of supervisor/shell has a fake in testing.py offering all its members."""
     fakes = [cls for _, cls in inspect.getmembers(testing, inspect.isclass)]
-    protocols = _protocols()
+    protocols = [p for p in _protocols() if p.__name__ not in NO_FAKE_NEEDED]
     assert len(protocols) >= 12
     for protocol in protocols:
         matching = [fake for fake in fakes if _members(protocol) <= set(dir(fake))]
