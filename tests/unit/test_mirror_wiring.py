@@ -347,16 +347,21 @@ def test_the_step_being_uploaded_is_spared_by_retention() -> None:
 # --- on the way out -----------------------------------------------------------------------
 
 
-def test_preemption_drains_within_the_grace_counted_from_the_signal() -> None:
-    """SIGTERM: the emergency checkpoint is uploaded before exit 0; the journal says so."""
-    rig = make_rig([])
+def preempt_after_commit(rig: Rig, stop: Callable[[], None]) -> None:
+    """Script one attempt: ``stop`` (a signal, the cloud's notice), commit step 3, exit 75."""
 
     def preempted(spawn: FakeSpawn) -> int:
-        rig.signals.deliver("SIGTERM")
+        stop()
         rig.store.put(complete(3))
         return EXIT_PREEMPTED
 
     rig.launcher.fates.append(preempted)
+
+
+def test_preemption_drains_within_the_grace_counted_from_the_signal() -> None:
+    """SIGTERM: the emergency checkpoint is uploaded before exit 0; the journal says so."""
+    rig = make_rig([])
+    preempt_after_commit(rig, lambda: rig.signals.deliver("SIGTERM"))
     assert rig.supervisor.run() == 0
     signalled = rig.supervisor._mirror.signalled_at
     assert signalled is not None
@@ -373,13 +378,7 @@ def test_preemption_drains_within_the_grace_counted_from_the_signal() -> None:
 def test_a_drain_against_dead_storage_ends_at_its_deadline_and_says_so() -> None:
     """Storage down on the way out: exit 0 after the deadline, complete false, watchdog fed."""
     rig = make_rig([])
-
-    def preempted(spawn: FakeSpawn) -> int:
-        rig.signals.deliver("SIGTERM")
-        rig.store.put(complete(3))
-        return EXIT_PREEMPTED
-
-    rig.launcher.fates.append(preempted)
+    preempt_after_commit(rig, lambda: rig.signals.deliver("SIGTERM"))
     rig.mirror.reachable = False
     pings_before = rig.notifier.pings
     assert rig.supervisor.run() == 0
@@ -395,13 +394,7 @@ def test_a_drain_against_dead_storage_ends_at_its_deadline_and_says_so() -> None
 def test_a_second_signal_ends_the_drain() -> None:
     """Ctrl-C twice: the loop stops waiting for the mirror at once."""
     rig = make_rig([])
-
-    def preempted(spawn: FakeSpawn) -> int:
-        rig.signals.deliver("SIGINT")
-        rig.store.put(complete(3))
-        return EXIT_PREEMPTED
-
-    rig.launcher.fates.append(preempted)
+    preempt_after_commit(rig, lambda: rig.signals.deliver("SIGINT"))
     rig.mirror.reachable = False
     real_drain = rig.mirror.drain
 
@@ -422,13 +415,9 @@ def test_the_clouds_sigterm_after_its_notice_does_not_end_the_drain() -> None:
     rig = make_rig([])
     notices = FakeNotices()
     rig.supervisor.shell.notices = notices
-
-    def noticed(spawn: FakeSpawn) -> int:
-        notices.deliver(PreemptionNotice(Provider.AWS, "terminate", None, "{}"))
-        rig.store.put(complete(3))
-        return EXIT_PREEMPTED
-
-    rig.launcher.fates.append(noticed)
+    preempt_after_commit(
+        rig, lambda: notices.deliver(PreemptionNotice(Provider.AWS, "terminate", None, "{}"))
+    )
     rig.mirror.reachable = False
     real_drain = rig.mirror.drain
     slices: list[float] = []
