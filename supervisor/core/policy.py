@@ -872,7 +872,9 @@ def _on_stop_signal(state: State, event: StopRequest, now: float) -> Decision:
         if stopping.noticed:
             state = replace(state, stopping=replace(stopping, noticed=False))
             return state, [Record("stop_signal_after_notice", {"signal": event.name})]
-        state = replace(state, stopping=replace(stopping, killed=True))
+        # Once the child is gone, so are we: also after a hang's SIGKILL, which
+        # had not been asked for by a signal (else the exit would restart).
+        state = replace(state, stopping=replace(stopping, killed=True, requested=True))
         return state, [
             Record("escalated", {"signal": "SIGKILL", "why": f"second {event.name}"}),
             SendSignal(child.pid, Signal.KILL),

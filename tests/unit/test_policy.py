@@ -639,6 +639,19 @@ def test_stale_heartbeat_is_a_hang_dump_stacks_then_term_then_kill() -> None:
     assert launches(run.after_backoff())
 
 
+def test_a_stop_signal_after_a_hangs_sigkill_still_stops_the_supervisor() -> None:
+    """systemctl stop while a hung child is being killed: exit 0 once it is gone, no restart."""
+    run = Run()
+    run.start()
+    run.tick(1, heartbeat=beat(5, 10.5))
+    run.tick(5.1, heartbeat=beat(5, 15.6))  # the grace ran out: SIGKILL sent
+    run.feed(SignalReceived("SIGTERM"))
+    actions = run.exit(None, signal.SIGKILL)
+    assert of(actions, Exit)[0].code == 0
+    assert run.state.mode is Mode.PREEMPTED
+    assert launches(actions) == []
+
+
 def test_stopped_child_is_continued_before_the_stack_dump() -> None:
     """A SIGSTOPped child gets SIGCONT first so its handlers can run."""
     run = Run()
