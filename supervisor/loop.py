@@ -354,7 +354,9 @@ class Supervisor:
         if isinstance(notice, PreemptionNotice):
             provider, action = notice.provider.value, notice.action
             notice = PreemptionNoticed(provider, action, notice.deadline_wall_time)
-            self._cloud_signal_due = True
+            # Only a notice that starts the stop promises a signal; after a
+            # SIGTERM it changes nothing (the policy agrees: Stopping.noticed).
+            self._cloud_signal_due = self._mirror.signalled_at is None
         elif isinstance(notice, SignalReceived):
             self._cloud_signal_due = False  # the policy knows it was expected (Stopping.noticed)
         if isinstance(notice, SignalReceived | PreemptionNoticed):

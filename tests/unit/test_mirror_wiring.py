@@ -391,10 +391,23 @@ def test_a_drain_against_dead_storage_ends_at_its_deadline_and_says_so() -> None
     assert rig.mirror.closed
 
 
-def test_a_second_signal_ends_the_drain() -> None:
-    """Ctrl-C twice: the loop stops waiting for the mirror at once."""
+@pytest.mark.parametrize("notice_after", [False, True], ids=["signal", "signal_then_notice"])
+def test_a_second_signal_ends_the_drain(notice_after: bool) -> None:
+    """Ctrl-C twice: the loop stops waiting for the mirror at once.
+
+    Also when the cloud's notice came after the first signal: that notice began
+    nothing, so it promises no signal, and the second Ctrl-C is a second one.
+    """
     rig = make_rig([])
-    preempt_after_commit(rig, lambda: rig.signals.deliver("SIGINT"))
+    notices = FakeNotices()
+    rig.supervisor.shell.notices = notices
+
+    def stop() -> None:
+        rig.signals.deliver("SIGINT")
+        if notice_after:
+            notices.deliver(PreemptionNotice(Provider.GCP, "preempted", None, "TRUE"))
+
+    preempt_after_commit(rig, stop)
     rig.mirror.reachable = False
     real_drain = rig.mirror.drain
 
