@@ -63,6 +63,8 @@ _AWS_ACTION_PATH = "/latest/meta-data/spot/instance-action"
 _GCP_PREEMPTED_PATH = "/computeMetadata/v1/instance/preempted"
 _HTTP_NOT_FOUND = 404
 _HTTP_UNAUTHORIZED = 401
+#: Answers to the token request that mean "no IMDSv2 here" (anything else is passing).
+_NO_TOKEN_ENDPOINT = frozenset({403, 404, 405})
 
 
 class Provider(enum.Enum):
@@ -122,10 +124,13 @@ def _aws_headers(base_url: str, token: AwsToken, timeout: float, now: float) -> 
             headers={"X-aws-ec2-metadata-token-ttl-seconds": str(AWS_TOKEN_TTL_SECONDS)},
             timeout=timeout,
         )
-        if status != 200:
+        if status in _NO_TOKEN_ENDPOINT:
             # IMDSv1-only hosts refuse the token request; plain GETs still work there.
             token.v1_only = True
             return {}
+        if status != 200:
+            # Throttled or briefly down: ask again at the next poll, still for a token.
+            raise NoticeUnavailable(f"IMDSv2 token request answered HTTP {status}")
         token.value = body.decode(errors="replace").strip()
         token.expires = now + AWS_TOKEN_TTL_SECONDS / 2
     return {"X-aws-ec2-metadata-token": token.value}

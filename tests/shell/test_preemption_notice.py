@@ -69,6 +69,20 @@ def test_aws_expired_token_is_renewed(standin: MetadataStandIn) -> None:
     assert standin.token_requests == 2
 
 
+def test_a_passing_token_failure_is_retried_not_taken_for_imdsv1(standin: MetadataStandIn) -> None:
+    """A 503 from the token endpoint is one unanswered poll; the next one gets a token."""
+    token = AwsToken()
+    standin.token_outages = 1
+    with pytest.raises(NoticeUnavailable, match="HTTP 503"):
+        check_notice(Provider.AWS, standin.url, token=token)
+    assert not token.v1_only
+    standin.aws_action = {"action": "terminate", "time": "2026-11-28T08:22:00Z"}
+    notice = check_notice(Provider.AWS, standin.url, token=token)
+    assert notice is not None
+    assert notice.action == "terminate"
+    assert standin.token_requests == 1
+
+
 def test_aws_imdsv1_host_falls_back_to_plain_gets() -> None:
     """Where the token request is refused, the poller still reads instance-action."""
     server = MetadataStandIn(imds_v2=False).start()

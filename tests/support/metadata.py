@@ -19,6 +19,8 @@ class MetadataStandIn:
 
     def __init__(self, *, imds_v2: bool = True) -> None:
         self.imds_v2 = imds_v2
+        #: Answer this many token requests with 503 first (throttling, a passing outage).
+        self.token_outages = 0
         self.aws_action: dict[str, str] | None = None
         self.gcp_preempted = False
         self.tokens: set[str] = set()
@@ -41,6 +43,10 @@ class MetadataStandIn:
             def do_PUT(self) -> None:
                 if self.path != "/latest/api/token" or not standin.imds_v2:
                     self._answer(403 if self.path == "/latest/api/token" else 404)
+                    return
+                if standin.token_outages > 0:
+                    standin.token_outages -= 1
+                    self._answer(503)
                     return
                 if "X-aws-ec2-metadata-token-ttl-seconds" not in self.headers:
                     standin.bad_requests.append("token PUT without ttl header")
