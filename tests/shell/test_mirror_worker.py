@@ -145,6 +145,26 @@ def test_keep_last_drops_superseded_uploads_and_prunes(tmp_path: Path, layout: L
     assert remote.inventory().valid_steps() == [6]
 
 
+def test_a_queued_checkpoint_that_keep_every_keeps_is_never_dropped(
+    tmp_path: Path, layout: Layout
+) -> None:
+    """keep_last=1, keep_every=4: checkpoint-4 is older than 6 but the remote must hold it."""
+    remote = file_remote(tmp_path)
+    for step in (2, 4, 6):
+        make_checkpoint(layout.output_dir, step)
+    events: Events = queue.SimpleQueue()
+    worker = MirrorWorker(remote, layout, events.put, keep_last=1, keep_every=4)
+    for step in (2, 4, 6):
+        worker.submit_checkpoint(step)
+    with worker.start():
+        seen = events_until(events, finished(Job(JobKind.PRUNE)))
+    outcomes = {str(e.job): e.outcome for e in seen}
+    assert outcomes["upload checkpoint 2"] is Outcome.DROPPED
+    assert outcomes["upload checkpoint 4"] is Outcome.DONE
+    assert outcomes["upload checkpoint 6"] is Outcome.DONE
+    assert remote.inventory().valid_steps() == [4, 6]
+
+
 def test_outage_is_retried_with_backoff_and_the_worker_catches_up(
     tmp_path: Path, layout: Layout
 ) -> None:

@@ -21,7 +21,8 @@ job would fail alike, so the worker probes with one job instead of hammering
 with all. ``LocalMismatch`` (the local folder was pruned or disagrees with its
 record) is final: no retry can fix it. Checkpoints queued while storage was down
 are uploaded newest first, and a pending checkpoint with ``keep_last`` newer
-ones pending is dropped: remote retention would delete it right after upload.
+ones pending is dropped: remote retention would delete it right after upload
+(unless ``keep_every`` keeps it; ``keep_best`` is not known before upload).
 
 Lifecycle: ``start()``; ``submit_*`` from the loop; on SIGTERM
 ``drain(deadline)`` (prunes are dropped, backoff is cut short, and an older
@@ -487,6 +488,8 @@ class MirrorWorker:
                 if job.kind is JobKind.CHECKPOINT and job.step is not None
             )
             for step in steps[: max(0, len(steps) - self._keep_last)]:
+                if self._keep_every and step % self._keep_every == 0:
+                    continue  # remote retention keeps it (keep_every): it must go up
                 job = Job(JobKind.CHECKPOINT, step)
                 del self._pending[job]
                 dropped.append(job)
