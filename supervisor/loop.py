@@ -160,12 +160,13 @@ class Shell:
 def default_shell(config: Config) -> Shell:
     """The real shell for a config: processes, files, statvfs, inotify, sd_notify."""
     layout = Layout(config.output_dir)
+    warm = config.restart.standby == "auto"
     processes = ProcessLauncher(
-        linger=config.preemption.grace, marker=JobMarker(ENV_OUTPUT_DIR, str(config.output_dir))
+        linger=config.preemption.grace,
+        marker=JobMarker(ENV_OUTPUT_DIR, str(config.output_dir)),
+        cold_note="" if warm else "restart.standby is off",
     )
-    launcher: Launcher = processes
-    if config.restart.standby == "auto":
-        launcher = WarmLauncher(processes, layout)
+    launcher: Launcher = WarmLauncher(processes, layout) if warm else processes
     return Shell(
         launcher=launcher,
         store=FileCheckpointStore(config.output_dir, require_record=config.train is not None),
@@ -593,10 +594,7 @@ class Supervisor:
         self._child_pids.add(handle_.pid)
         shell.heartbeat.reset(action.attempt, handle_.pid)
         shell.evidence.watch(handle_.pid)
-        note = handle_.start_note
-        if not note and self.config.restart.standby == "off":
-            note = "restart.standby is off"
-        return [ChildSpawned(action.attempt, handle_.pid, handle_.start, note)]
+        return [ChildSpawned(action.attempt, handle_.pid, handle_.start, handle_.start_note)]
 
     def _argv(self, action: Launch, resume_path: str) -> list[str]:
         if self.config.command is not None:

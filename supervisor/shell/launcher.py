@@ -383,8 +383,11 @@ class ProcessLauncher:
         clock: Callable[[], float] = time.monotonic,
         linger: float = 120.0,
         marker: JobMarker | None = None,
+        cold_note: str = "",
     ) -> None:
+        """``cold_note``: why its children start cold, for the journal (``restart.standby``)."""
         self._clock = clock
+        self._cold_note = cold_note
         #: Seconds the rest of a group may outlive its leader before SIGKILL.
         self._linger = linger
         #: Finds the ranks that left the child's process group (see the module docstring).
@@ -444,7 +447,9 @@ class ProcessLauncher:
             self._threads.append(waiter)
         waiter.start()
         log.debug("child_spawned", pid=proc.pid, argv0=argv[0], log=str(log_path))
-        return ChildHandle(pid=proc.pid, started_at=started_at, log_path=log_path)
+        return ChildHandle(
+            pid=proc.pid, started_at=started_at, log_path=log_path, start_note=self._cold_note
+        )
 
     def _wait(self, proc: subprocess.Popen[bytes], on_exit: ExitCallback) -> None:
         # The only place that reaps this child: nobody else calls wait() or poll().

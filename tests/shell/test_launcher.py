@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor.config import parse_config
+from supervisor.loop import default_shell
 from supervisor.shell.launcher import (
     ChildHandle,
     Launcher,
@@ -22,6 +24,7 @@ from supervisor.shell.launcher import (
     enforce_log_cap,
     live_group_members,
 )
+from supervisor.shell.standby import WarmLauncher
 from supervisor.shell.testing import FakeLauncher
 from tests.support.processes import wait_for
 
@@ -400,5 +403,35 @@ def test_both_launchers_report_a_stopped_child_once_and_refuse_the_unstartable(
                 pass_fds=(),
                 on_exit=print,
             )
+    finally:
+        launcher.close()
+
+
+@pytest.mark.parametrize(
+    ("standby", "kind", "note"),
+    [
+        ("off", ProcessLauncher, "restart.standby is off"),
+        ("auto", WarmLauncher, "python -c runs code from the command line"),
+    ],
+)
+def test_the_shell_says_why_a_child_started_cold(
+    standby: str, kind: type, note: str, tmp_path: Path
+) -> None:
+    """default_shell: with the standby off every start is cold *and says so*; auto keeps one."""
+    config = parse_config(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "command": [PY, "-c", "pass"],
+            "restart": {"standby": standby},
+        }
+    )
+    launcher = default_shell(config).launcher
+    assert isinstance(launcher, kind)
+    exits: Exits = queue.SimpleQueue()
+    handle = spawn(launcher, tmp_path, "pass", exits)  # type: ignore[arg-type]
+    try:
+        assert exits.get(timeout=30) == (handle.pid, 0)
+        assert handle.start == "cold"
+        assert handle.start_note.startswith(note)
     finally:
         launcher.close()

@@ -359,19 +359,6 @@ def test_child_started_journals_how_the_launcher_started_the_child() -> None:
     ]
 
 
-def test_with_the_standby_off_child_started_says_why_the_start_was_cold() -> None:
-    """``restart.standby: off``: the journal (and status) name the setting, not an empty why."""
-
-    def finish(spawn: FakeSpawn) -> int:
-        rig.store.final_complete = True
-        return 0
-
-    rig = make_rig([finish], restart={"standby": "off"})
-    assert rig.supervisor.run() == 0
-    (started,) = rig.events("child_started")
-    assert (started["start"], started["why"]) == ("cold", "restart.standby is off")
-
-
 def test_notifier_ready_before_first_spawn_then_status() -> None:
     """READY=1 precedes the first spawn; STATUS= follows the run; STOPPING=1 ends it."""
     rig: Rig
