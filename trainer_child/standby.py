@@ -257,6 +257,9 @@ def _source(recipe: StandbyRecipe) -> tuple[str, str | None] | None:
         path: str | None = recipe.target
         package = None
     else:
+        if "." in recipe.target and recipe.target.split(".")[0] not in SAFE_PACKAGES:
+            # find_spec("pkg.mod") imports pkg: the user's own code, which runs on go only.
+            return None
         spec = importlib.util.find_spec(recipe.target)
         path = spec.origin if spec is not None else None
         package = recipe.target.rpartition(".")[0] or None

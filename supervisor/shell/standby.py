@@ -270,12 +270,13 @@ class WarmLauncher:
         standby = self._standby
         if standby is None:
             return None, self.off_reason or "no standby yet"
-        if standby.recipe.key != recipe.key:
-            return None, "the standby was prepared for other settings (overrides, environment)"
         with self._lock:
             if standby.exited:
                 self._standby = None
+                standby.sock.close()
                 return None, "the standby had exited"
+            if standby.recipe.key != recipe.key:
+                return None, "the standby was prepared for other settings (overrides, environment)"
             standby.going = True
         ready = self._ready_note(standby)
         self._measure(standby)
@@ -478,6 +479,9 @@ class WarmLauncher:
     def _kill(self, standby: _Standby) -> None:
         with self._lock:
             standby.discarded = True
+            gone = standby.exited
         with contextlib.suppress(OSError):
             standby.sock.close()
-        self._inner.signal_group(standby.pid, signal.SIGKILL)
+        if not gone:
+            # Reaped already: its pid (no longer spared) may be anyone's now.
+            self._inner.signal_group(standby.pid, signal.SIGKILL)

@@ -277,6 +277,57 @@ def test_the_idle_standby_is_never_part_of_the_job_it_waits_beside(
         warm.close()
 
 
+def test_a_standby_that_died_idle_is_not_killed_again_and_says_why(
+    launcher: WarmLauncher, layout: Layout, lock: RunLock
+) -> None:
+    """Reaped while idle (the OOM killer's pick), then an attempt for other settings: cold."""
+    exits: Exits = queue.SimpleQueue()
+    first = start(launcher, layout, 1, "0", exits=exits, lock=lock)
+    assert exits.get(timeout=60) == (first.pid, 0)
+    idle = ready_standby(launcher, layout)
+    os.kill(idle, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(idle), 10, what="the idle standby to be reaped")
+    second = start(launcher, layout, 2, "0", exits=exits, lock=lock, **{ENV_MICRO_BATCH: "1"})
+    assert second.start == "cold"
+    assert second.start_note == "the standby had exited"
+    assert exits.get(timeout=60) == (second.pid, 0)
+
+
+def test_a_users_package_runs_on_go_only(
+    tmp_path: Path, launcher: WarmLauncher, layout: Layout, lock: RunLock
+) -> None:
+    """``python -m mypkg.train``: the standby does not import mypkg (its __init__) before go."""
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['TRAINWARDEN_OUTPUT_DIR'], 'init-' + os.getpid().__str__())"
+        ".write_text(os.environ['TRAINWARDEN_ATTEMPT'])\n"
+    )
+    (package / "train.py").write_text("import sys\nsys.exit(0)\n")
+    exits: Exits = queue.SimpleQueue()
+
+    def attempt(number: int) -> ChildHandle:
+        return launcher.spawn(
+            [PY, "-m", "mypkg.train"],
+            env=attempt_env(layout, number),
+            cwd=tmp_path,
+            log_path=layout.attempt_log(number),
+            pass_fds=(lock.fd,),
+            on_exit=lambda pid, rc: exits.put((pid, rc)),
+        )
+
+    first = attempt(1)
+    assert exits.get(timeout=60) == (first.pid, 0)
+    standby = ready_standby(launcher, layout)
+    marker = layout.output_dir / f"init-{standby}"
+    assert not marker.exists(), "the user's package ran in the idle standby"
+    second = attempt(2)
+    assert (second.pid, second.start) == (standby, "warm")
+    assert exits.get(timeout=60) == (standby, 0)
+    assert marker.read_text() == "2", "on go it runs, with the attempt's environment"
+
+
 def test_no_standby_without_the_memory_for_one(layout: Layout, lock: RunLock) -> None:
     """auto keeps none when twice its expected size is not available, and says so."""
     exits: Exits = queue.SimpleQueue()
