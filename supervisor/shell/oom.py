@@ -93,7 +93,8 @@ def cgroup_of(pid: int, proc_root: str = "/proc") -> CgroupRef | None:
     return parse_proc_cgroup(text)
 
 
-def _candidates(base: Path, path: str) -> list[Path]:
+def cgroup_folders(base: Path, path: str) -> list[Path]:
+    """Where the cgroup at ``path`` may be mounted under ``base``, most specific first."""
     # Without a cgroup namespace, /proc/PID/cgroup shows the host path
     # ("/docker/<id>/...") while the container's mount is rooted at its own
     # cgroup; dropping leading components finds the same cgroup under that mount.
@@ -101,7 +102,8 @@ def _candidates(base: Path, path: str) -> list[Path]:
     return [base.joinpath(*parts[i:]) for i in range(len(parts) + 1)]
 
 
-def _read_field(path: Path, key: str) -> int | None:
+def read_field(path: Path, key: str) -> int | None:
+    """The integer after ``key`` in a ``key value`` file (memory.stat, memory.events)."""
     try:
         text = path.read_text()
     except OSError:
@@ -123,8 +125,8 @@ def oom_kill_count(ref: CgroupRef, sysfs_root: str = SYSFS_CGROUP) -> int | None
         # Pure v2 mounts at the root; hybrid hosts mount it at unified/.
         bases, filename = [root, root / "unified"], "memory.events"
     for base in bases:
-        for directory in _candidates(base, ref.path):
-            count = _read_field(directory / filename, "oom_kill")
+        for directory in cgroup_folders(base, ref.path):
+            count = read_field(directory / filename, "oom_kill")
             if count is not None:
                 return count
     return None

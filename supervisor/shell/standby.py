@@ -50,11 +50,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import structlog
 
 from supervisor.core.standby import Cold, Recipe, memory_shortfall, recipe_for
 from supervisor.shell.launcher import ChildHandle, ExitCallback, ProcessLauncher
-from supervisor.shell.oom import SYSFS_CGROUP, cgroup_of
+from supervisor.shell.oom import SYSFS_CGROUP, cgroup_folders, cgroup_of, read_field
 from trainer_child.protocol import (
     ENV_ATTEMPT,
     STANDBY_MODULE,
@@ -83,31 +84,32 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def available_memory(pid: int | None = None) -> int | None:
-    """Bytes a new process may still use: MemAvailable, or less if a memory cgroup says so."""
-    available = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
+    """Bytes a new process may still use: MemAvailable, or less if a memory cgroup says so.
+
+    A cgroup's usage counts its page cache; the inactive part of it (files read
+    once: the model, old checkpoints) is reclaimable and counts as available,
+    as MemAvailable counts it for the host.
+    """
+    available: int | None = psutil.virtual_memory().available
     ref = cgroup_of(pid or os.getpid())
     if ref is None:
         return available
-    limit_name, usage_name = (
-        ("memory.max", "memory.current")
-        if ref.version == 2
-        else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    v2 = ref.version == 2
+    limit_name, usage_name, cache_name = (
+        ("memory.max", "memory.current", "inactive_file")
+        if v2
+        else ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
     )
-    parts = [p for p in ref.path.split("/") if p]
-    base = Path(SYSFS_CGROUP) if ref.version == 2 else Path(SYSFS_CGROUP) / "memory"
-    for start in range(len(parts) + 1):
-        folder = base.joinpath(*parts[start:])
+    base = Path(SYSFS_CGROUP) if v2 else Path(SYSFS_CGROUP) / "memory"
+    for folder in cgroup_folders(base, ref.path):
         try:
             limit_text = (folder / limit_name).read_text().strip()
             usage = int((folder / usage_name).read_text())
         except (OSError, ValueError):
             continue
         if limit_text.isdigit() and int(limit_text) < 1 << 60:
-            headroom = max(int(limit_text) - usage, 0)
+            reclaimable = read_field(folder / "memory.stat", cache_name) or 0
+            headroom = max(int(limit_text) - usage + reclaimable, 0)
             available = headroom if available is None else min(available, headroom)
         break
     return available

@@ -25,6 +25,7 @@ from supervisor.shell.oom import (
     oom_kill_count,
     parse_proc_cgroup,
 )
+from supervisor.shell.standby import available_memory
 from supervisor.shell.testing import FakeOomWatch
 from tests.support.capabilities import require
 
@@ -264,6 +265,46 @@ def test_real_oom_kill_is_counted_and_plain_sigkill_is_not(
         assert not watch.kernel_log_oom()
     finally:
         for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        launcher.close(grace=0.5)
+
+
+def test_a_cgroups_reclaimable_page_cache_counts_as_available_memory(
+    v1_cgroups: list[Path], tmp_path: Path
+) -> None:
+    """A child that wrote 96 MiB of file data in a 512 MiB cgroup: that cache is not "used".
+
+    ``available_memory`` decides whether a warm standby fits; counting the page
+    cache of the model and checkpoints read once as used would turn standbys off
+    in every container whose limit the files fill.
+    """
+    launcher = ProcessLauncher()
+    exits: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+    limit = 512 << 20
+    written = 96 << 20
+    pid = 0
+    try:
+        cgroup = make_cgroup(v1_cgroups, limit)
+        code = (
+            "import os, time; f = open('cache.bin', 'wb'); "
+            f"f.write(bytes({written})); f.flush(); os.fsync(f.fileno()); f.close(); "
+            "open('written', 'w').close(); time.sleep(60)"
+        )
+        pid = start_in_cgroup(launcher, tmp_path, cgroup, code, exits)
+        (tmp_path / "go").touch()
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "written").exists():
+            assert time.monotonic() < deadline, (tmp_path / "child.log").read_text()
+            time.sleep(0.05)
+        usage = int((cgroup / "memory.usage_in_bytes").read_text())
+        assert usage > written, "the file's pages are charged to the cgroup"
+        available = available_memory(pid)
+        assert available is not None
+        assert available > limit - usage + written // 2, (available, limit, usage)
+        assert available <= limit
+    finally:
+        if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         launcher.close(grace=0.5)
