@@ -238,7 +238,8 @@ def _launch(state: State, now: float, *, counted: bool, attempt: int | None = No
         **_override_fields(state.overrides),
     }
     launch = Launch(number, resume, state.overrides)
-    return state, [*freeing, *quarantines, Record("launch", fields), Status(text), launch]
+    launched = Record("launch", fields, attempt=number)
+    return state, [*freeing, *quarantines, launched, Status(text), launch]
 
 
 def _resume_past_end(state: State, resume: int | None) -> GiveUp | None:
@@ -395,8 +396,12 @@ def _on_exited(state: State, event: ChildExited, now: float) -> Decision:
         error_line=event.evidence.error_line,
     )
     if stopping is not None and stopping.requested and verdict.outcome is not Outcome.SUCCESS:
-        return _stopped_on_request(state, ended)
-    return OUTCOMES[verdict.outcome](state, ended, now)
+        state, actions = _stopped_on_request(state, ended)
+    else:
+        state, actions = OUTCOMES[verdict.outcome](state, ended, now)
+    # Executed once the state may name the next attempt: what is said of this
+    # exit stays with the attempt that ended (``launch`` names its own).
+    return state, [_about(action, child.attempt) for action in actions]
 
 
 def _completed(state: State, ended: Ended, now: float) -> Decision:
@@ -529,11 +534,9 @@ def _back_off(
     if config.first_failure_at_once:
         if failures <= 1:
             why = Record("backoff", {"seconds": 0.0, "why": "first failure since progress"})
-            # Executed once the state names the next attempt: keep them on this one.
-            ours = [_about(a, state.attempt) for a in (*prior, why)]
             saying = Status(f"restarting at once after {kind.value}")
             state, launch = _launch(state, now, counted=True)
-            return state, [*ours, saying, *launch]
+            return state, [*prior, why, saying, *launch]
         failures -= 1
     delay = backoff_delay(failures, config.backoff_initial, config.backoff_max, jitter)
     text = f"backing off {delay:.0f}s after {kind.value}"

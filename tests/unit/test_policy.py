@@ -411,7 +411,7 @@ def test_first_failure_since_progress_restarts_at_once_then_backs_off() -> None:
     pinned = {a.event: a.attempt for a in actions if isinstance(a, Record)}
     assert pinned["failure"] == 1, "the failure belongs to the attempt that failed"
     assert pinned["backoff"] == 1
-    assert pinned["launch"] is None
+    assert pinned["launch"] == 2, "the launch belongs to the attempt it starts"
     assert len(run.state.restart_times) == 1, "an immediate restart still counts"
     run.exit(1, jitter=0.5)
     backoff = run.state.backoff
@@ -779,6 +779,10 @@ def test_child_exit_75_without_our_request_resumes_at_once() -> None:
     actions = run.exit(75, inventory=inv(ckpt(7)))
     assert launches(actions)[0].resume_from == 7
     assert run.state.failures == ()
+    # Journaled after the state names attempt 2: each record says whose it is.
+    pinned = {a.event: a.attempt for a in actions if isinstance(a, Record)}
+    assert pinned["child_preempted"] == pinned["checkpoint_committed"] == 1
+    assert pinned["launch"] == 2
 
 
 def test_exit_zero_without_final_is_a_crash() -> None:
