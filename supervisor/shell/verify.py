@@ -74,6 +74,7 @@ __all__ = [
     "folder_fingerprint",
     "list_folder",
     "read_and_check",
+    "safe_relpath",
     "verify_checkpoint",
     "verify_final",
     "zip_layout",
@@ -480,7 +481,7 @@ def _read_record(folder: Path, listing: FolderListing) -> CommitRecord | str | N
         return f"{COMMIT_RECORD} unreadable ({exc.__class__.__name__})"
 
 
-def _safe_relpath(listed: str) -> str | None:
+def safe_relpath(listed: str) -> str | None:
     """Normalise a path from a record; None if it could point outside the folder."""
     path = PurePosixPath(listed)
     if not listed or path.is_absolute() or ".." in path.parts or "\\" in listed:
@@ -525,7 +526,7 @@ def _expected_hashes(
     """Map each file the record lists to its hash, noting listed files absent or resized."""
     expected: dict[str, str] = {}
     for entry in record.files:
-        relpath = _safe_relpath(entry.path)
+        relpath = safe_relpath(entry.path)
         if relpath is None:
             findings.damaged.append(f"record lists an unsafe path {entry.path!r}")
             continue

@@ -63,7 +63,7 @@ from supervisor.shell.mirror.errors import (
     Redactor,
     RemoteCorrupt,
 )
-from supervisor.shell.verify import read_and_check
+from supervisor.shell.verify import read_and_check, safe_relpath
 from trainer_child.protocol import (
     COMMIT_RECORD,
     TRAINER_STATE,
@@ -73,6 +73,7 @@ from trainer_child.protocol import (
     RunStateFile,
     atomic_write_bytes,
     atomic_write_model,
+    checkpoint_name,
     checkpoint_step,
     fsync_dir,
 )
@@ -254,14 +255,6 @@ class Sequential:
 
 
 # --- the store ------------------------------------------------------------------------------
-
-
-def _safe_relpath(listed: str) -> str | None:
-    """Normalise a path from a record; None if it could point outside the folder."""
-    path = PurePosixPath(listed)
-    if not listed or path.is_absolute() or ".." in path.parts or "\\" in listed:
-        return None
-    return path.as_posix()
 
 
 def clear_incoming(layout: Layout) -> int:
@@ -482,7 +475,7 @@ class RemoteStore:
             step = checkpoint_step(name)
             if name == _FINAL:
                 final = self._judge(name, None, files).status
-            elif step is not None and name == f"checkpoint-{step}":
+            elif step is not None and name == checkpoint_name(step):
                 checkpoints.append(self._judge(name, step, files))
         checkpoints.sort(key=lambda entry: entry.step)
         if read_best:
@@ -505,7 +498,7 @@ class RemoteStore:
         record, problems = _parse_record(raw, step, final=step is None)
         if record is not None:
             for entry in record.files:
-                relpath = _safe_relpath(entry.path)
+                relpath = safe_relpath(entry.path)
                 found = files.get(relpath) if relpath is not None else None
                 if relpath is None:
                     problems.append(f"record lists an unsafe path {entry.path!r}")
@@ -553,7 +546,7 @@ class RemoteStore:
         """
         with self._pin(self._uploading, step):
             return self._upload_folder(
-                Path(local_dir), f"checkpoint-{step}", step, transfers or Sequential()
+                Path(local_dir), checkpoint_name(step), step, transfers or Sequential()
             )
 
     def upload_final(self, final_dir: Path, *, transfers: Transfers | None = None) -> UploadResult:
@@ -651,7 +644,7 @@ class RemoteStore:
         """
         target = layout.checkpoint(step)
         with self._pin(self._downloading, step):
-            return self._download_folder(f"checkpoint-{step}", step, layout, target, transfers)
+            return self._download_folder(checkpoint_name(step), step, layout, target, transfers)
 
     def download_final(self, layout: Layout, *, transfers: Transfers | None = None) -> Path:
         """Download remote ``final/`` into ``output_dir/final`` by the same rules."""
@@ -753,7 +746,7 @@ class RemoteStore:
                 step=step,
                 files=(COMMIT_RECORD,),
             )
-        entries = [(_safe_relpath(e.path), e) for e in record.files]
+        entries = [(safe_relpath(e.path), e) for e in record.files]
         unsafe = [entry.path for relpath, entry in entries if relpath is None]
         if unsafe:
             raise RemoteCorrupt(
@@ -771,7 +764,7 @@ class RemoteStore:
         The record moves first, so the copy stops being valid before anything
         else changes; the reason goes beside the slot, as on the local disk.
         """
-        name = f"checkpoint-{step}"
+        name = checkpoint_name(step)
         files = self._list(self._path(name))
         if not files:
             return None
@@ -798,7 +791,7 @@ class RemoteStore:
 
     def remove(self, step: int) -> int:
         """Delete remote ``checkpoint-N``: the record first, then the files; return bytes freed."""
-        name = f"checkpoint-{step}"
+        name = checkpoint_name(step)
         if step in self.pinned():
             raise Pinned(f"mirror {self.url}: {name} is being transferred; not removed")
         files = self._list(self._path(name))
@@ -931,7 +924,7 @@ def _read_local_record(local_dir: Path, step: int | None) -> tuple[bytes, Commit
 
 
 def _checked_relpath(local_dir: Path, listed: str) -> str:
-    relpath = _safe_relpath(listed)
+    relpath = safe_relpath(listed)
     if relpath is None:
         raise LocalMismatch(f"{local_dir}/{COMMIT_RECORD} lists an unsafe path {listed!r}")
     return relpath
