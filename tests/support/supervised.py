@@ -21,7 +21,7 @@ from tests.support.outputs import heartbeat
 from tests.support.processes import REPO_ROOT, Process
 from trainer_child.protocol import RunStateFile, read_model
 
-__all__ = ["SupervisorProcess", "run_supervised", "supervisor_process"]
+__all__ = ["SupervisorProcess", "run_supervised", "status_json", "supervisor_process"]
 
 
 class SupervisorProcess(Process):
